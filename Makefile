@@ -1,0 +1,31 @@
+# One command to run the platform, one to test it. Both build .venv from scratch when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start all four services in one process on the embedded defaults (SQLite + embedded bus).
+run: $(STAMP)
+	$(BIN)/huitou up
+
+## ruff, mypy, then the whole test suite (starts its own PostgreSQL and Kafka-protocol broker).
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs services tests
+	$(BIN)/ruff format --check libs services tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .huitou .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Huitou's shared library: events, settings, bus, database, outbox, timers, metrics, auth."""

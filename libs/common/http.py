@@ -1,0 +1,106 @@
+"""The FastAPI app around a Runtime: routes, `/healthz`, `/readyz`, `/metrics`, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from libs.common import metrics
+from libs.common.problems import install_problem_handlers, problem_response
+from libs.common.service import Runtime, ServiceSpec
+from libs.common.settings import Settings
+
+
+class HttpMetrics:
+    """Counts requests and their latency by route template (pure ASGI, no body copies)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            metrics.HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+
+
+def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
+    """One app serving the given services (all four in embedded mode, one per process
+    in distributed mode); the routes are the same either way."""
+    runtime = Runtime(settings, specs)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    names = ", ".join(s.name for s in specs)
+    app = FastAPI(
+        title="Huitou",
+        version="0.1.0",
+        summary=f"Marketing automation for online shops ({names})",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    install_problem_handlers(app)
+    app.add_middleware(HttpMetrics)
+    for running in runtime.services:
+        app.include_router(running.parts.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], response_model=None)
+    async def readyz() -> Any:
+        """Every database of this process and the bus answer."""
+        checks: dict[str, str] = {}
+
+        async def check(name: str, probe: Any) -> None:
+            try:
+                async with asyncio.timeout(5):
+                    await probe()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"error: {exc!r}"[:300]
+
+        await asyncio.gather(
+            check("bus", runtime.bus.ping),
+            *(check(f"db:{db.schema}", db.ping) for db in runtime.databases),
+        )
+        if all(v == "ok" for v in checks.values()):
+            return {"status": "ready", "checks": checks}
+        return problem_response(503, "not ready", checks=checks)
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition of every metric of this process."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,28 @@
+"""Processed-event ids, so a handler applies each event once however often it arrives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.db.dialect import insert_ignore
+from libs.common.db.tables import processed_events
+
+
+async def claim_new(conn: AsyncConnection, consumer: str, event_ids: Iterable[str]) -> set[str]:
+    """Record `event_ids` as processed by `consumer`; return those not seen before.
+
+    Runs in the handler's transaction, so a rolled-back batch leaves no trace and the
+    redelivered batch is applied in full.
+    """
+    ids = list(dict.fromkeys(event_ids))
+    if not ids:
+        return set()
+    now = datetime.now(UTC)
+    result = await conn.execute(
+        insert_ignore(conn, processed_events).returning(processed_events.c.event_id),
+        [{"consumer": consumer, "event_id": i, "processed_at": now} for i in ids],
+    )
+    return set(result.scalars())

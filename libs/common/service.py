@@ -1,0 +1,188 @@
+"""How a service is described, started and served; the same in both modes.
+
+A service is a `ServiceSpec`: its name, its migrations and a `build` function that, given
+the service's context (settings, its own database, the bus, its authenticator, its outbox
+relay), returns its routes, consumer subscriptions and timer handlers. `Runtime` starts any
+set of services on one bus: all four in one process (`huitou up`), or one per process
+(`huitou serve <name>`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from fastapi import APIRouter
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.auth import Authenticator
+from libs.common.bus import BatchHandler, Bus, Consumer, Received, create_bus
+from libs.common.db import Database
+from libs.common.db.migrations import migrate
+from libs.common.events import Envelope, decode_event, topic_name
+from libs.common.inbox import claim_new
+from libs.common.outbox import OutboxRelay
+from libs.common.settings import Settings
+from libs.common.shops import apply_shop_events
+from libs.common.timers import TimerHandler, TimerWorker
+
+log = logging.getLogger(__name__)
+
+LOGICAL_TOPICS = (
+    "orders",
+    "logistics",
+    "behavior",
+    "customers",
+    "notifications.requested",
+    "notifications.status",
+    "shops",
+)
+
+
+@dataclass
+class ServiceContext:
+    """Everything a service's code may use; nothing of any other service."""
+
+    name: str
+    settings: Settings
+    db: Database
+    bus: Bus
+    auth: Authenticator
+    outbox: OutboxRelay
+
+    def topic(self, logical: str) -> str:
+        """Full topic name of a logical stream, e.g. `orders` → `huitou.orders.v1`."""
+        return topic_name(logical, self.settings.topic_namespace)
+
+    def events_handler(
+        self,
+        consumer: str,
+        apply: Callable[[AsyncConnection, list[Envelope]], Awaitable[None]],
+    ) -> BatchHandler:
+        """A batch handler that decodes, drops already-processed event ids and calls
+        `apply` with the new events, all in one transaction, then wakes the outbox relay."""
+
+        async def handle(batch: list[Received]) -> None:
+            events = [decode_event(r.value) for r in batch]
+            async with self.db.begin() as conn:
+                new_ids = await claim_new(conn, consumer, (e.id for e in events))
+                seen: set[str] = set()
+                fresh = []
+                for event in events:
+                    if event.id in new_ids and event.id not in seen:
+                        seen.add(event.id)
+                        fresh.append(event)
+                if fresh:
+                    await apply(conn, fresh)
+            self.outbox.notify()
+
+        return handle
+
+
+@dataclass
+class Subscription:
+    group: str
+    topics: list[str]
+    handler: BatchHandler
+
+
+@dataclass
+class ServiceParts:
+    router: APIRouter
+    subscriptions: list[Subscription] = field(default_factory=list)
+    timer_handlers: dict[str, TimerHandler] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    migrations: ModuleType
+    build: Callable[[ServiceContext], ServiceParts]
+    projects_shops: bool = True
+    """Whether the service keeps its own projection of shops and API keys from the bus."""
+
+
+@dataclass
+class _Running:
+    ctx: ServiceContext
+    parts: ServiceParts
+    consumers: list[Consumer] = field(default_factory=list)
+    timers: TimerWorker | None = None
+
+
+class Runtime:
+    """Builds and runs a set of services on one bus."""
+
+    def __init__(self, settings: Settings, specs: Sequence[ServiceSpec]) -> None:
+        self.settings = settings
+        self.specs = list(specs)
+        self.bus = create_bus(settings)
+        self.services: list[_Running] = []
+        for spec in self.specs:
+            db = Database(settings.database_url_for(spec.name), spec.name)
+            ctx = ServiceContext(
+                name=spec.name,
+                settings=settings,
+                db=db,
+                bus=self.bus,
+                auth=Authenticator(db, settings.admin_key),
+                outbox=OutboxRelay(db, self.bus, spec.name, settings.outbox_batch_size),
+            )
+            parts = spec.build(ctx)
+            if spec.projects_shops:
+                parts.subscriptions.append(
+                    Subscription(
+                        f"{spec.name}.shops",
+                        [ctx.topic("shops")],
+                        ctx.events_handler(f"{spec.name}.shops", apply_shop_events),
+                    )
+                )
+            self.services.append(_Running(ctx, parts))
+
+    @property
+    def databases(self) -> list[Database]:
+        return [s.ctx.db for s in self.services]
+
+    async def migrate(self) -> None:
+        for spec, running in zip(self.specs, self.services, strict=True):
+            applied = await migrate(running.ctx.db, spec.migrations)
+            if applied:
+                log.info("migrations applied", extra={"service": spec.name, "versions": applied})
+
+    async def start(self) -> None:
+        await self.migrate()
+        await self.bus.start()
+        await self.bus.ensure_topics(
+            [topic_name(t, self.settings.topic_namespace) for t in LOGICAL_TOPICS]
+        )
+        for running in self.services:
+            await running.ctx.outbox.start()
+            for sub in running.parts.subscriptions:
+                consumer = self.bus.consumer(sub.group, sub.topics, sub.handler)
+                await consumer.start()
+                running.consumers.append(consumer)
+            if running.parts.timer_handlers:
+                running.timers = TimerWorker(
+                    running.ctx.db,
+                    running.ctx.name,
+                    running.parts.timer_handlers,
+                    batch_size=self.settings.timer_batch_size,
+                    poll_interval=self.settings.timer_poll_interval_s,
+                    max_attempts=self.settings.timer_max_attempts,
+                )
+                await running.timers.start()
+        log.info("services started", extra={"services": [s.name for s in self.specs]})
+
+    async def stop(self) -> None:
+        for running in self.services:
+            for consumer in running.consumers:
+                await consumer.stop()
+            running.consumers.clear()
+            if running.timers is not None:
+                await running.timers.stop()
+            await running.ctx.outbox.stop()
+        await self.bus.stop()
+        for db in self.databases:
+            await db.dispose()

@@ -1,0 +1,66 @@
+"""One settings object for every service, read from `HUITOU_*` environment variables.
+
+The defaults are the embedded mode: SQLite files and the embedded bus under the data folder.
+Setting `HUITOU_DATABASE_URL` to `postgresql+asyncpg://…` and `HUITOU_BUS_URL` to
+`kafka://host:port[,host:port]` switches to the distributed mode; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of Huitou; each field is the env var `HUITOU_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="HUITOU_", extra="ignore")
+
+    data_dir: Path = Path(".huitou")
+    database_url: str | None = None
+    """None: one SQLite file per service under `data_dir` (embedded)."""
+    bus_url: str | None = None
+    """None: the embedded bus, durable in `data_dir/bus.db`."""
+    admin_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    topic_namespace: str = ""
+    """Prefix for every topic name, so several environments can share one Kafka cluster."""
+    topic_partitions: int = Field(default=12, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_idempotence: bool = True
+    """Off against brokers without idempotent producers (the Tansu build used in tests)."""
+
+    consumer_batch_size: int = Field(default=500, ge=1)
+    consumer_max_attempts: int = Field(default=5, ge=1)
+    """Attempts per message before it goes to the dead-letter topic with its error."""
+    consumer_retry_backoff_s: float = Field(default=0.2, ge=0)
+
+    outbox_batch_size: int = Field(default=500, ge=1)
+    timer_batch_size: int = Field(default=500, ge=1)
+    timer_poll_interval_s: float = Field(default=0.5, gt=0)
+    timer_max_attempts: int = Field(default=10, ge=1)
+
+    embedded_partitions: int = Field(default=8, ge=1)
+    embedded_retention_hours: float = Field(default=168, gt=0)
+
+    log_level: str = "INFO"
+
+    @property
+    def embedded_bus(self) -> bool:
+        return self.bus_url is None or self.bus_url.startswith("embedded")
+
+    @property
+    def kafka_bootstrap(self) -> list[str]:
+        """`kafka://a:9092,b:9092` as aiokafka's bootstrap list."""
+        assert self.bus_url is not None
+        return self.bus_url.split("://", 1)[1].split(",")
+
+    def database_url_for(self, service: str) -> str:
+        """The service's own database: a SQLite file each, or its schema in PostgreSQL."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"

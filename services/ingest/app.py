@@ -1,0 +1,14 @@
+"""The ingest service: HTTP in, canonical events onto the bus."""
+
+from __future__ import annotations
+
+from libs.common.service import ServiceContext, ServiceParts, ServiceSpec
+from services.ingest import migrations
+from services.ingest.api import build_router
+
+
+def build(ctx: ServiceContext) -> ServiceParts:
+    return ServiceParts(router=build_router(ctx))
+
+
+SPEC = ServiceSpec(name="ingest", migrations=migrations, build=build, projects_shops=False)

@@ -1,0 +1,1 @@
+"""Adapters that verify and normalise what shop platforms and carriers send."""

@@ -1,0 +1,39 @@
+"""The lifecycle service: customers, orders projection, RFM, stages and levels."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.events import Envelope
+from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
+from libs.common.timers import Timer
+from services.lifecycle import migrations
+from services.lifecycle.api import build_router
+from services.lifecycle.handlers import RESTAGE_TIMER, apply_events, on_restage_timers
+
+GROUP = "lifecycle"
+
+
+def build(ctx: ServiceContext) -> ServiceParts:
+    namespace = ctx.settings.topic_namespace
+
+    async def apply(conn: AsyncConnection, events: list[Envelope]) -> None:
+        await apply_events(conn, events, namespace=namespace)
+
+    async def restage_due(conn: AsyncConnection, fired: list[Timer]) -> None:
+        await on_restage_timers(conn, fired, namespace=namespace)
+
+    return ServiceParts(
+        router=build_router(ctx),
+        subscriptions=[
+            Subscription(
+                GROUP,
+                [ctx.topic("orders"), ctx.topic("behavior"), ctx.topic("logistics")],
+                ctx.events_handler(GROUP, apply),
+            )
+        ],
+        timer_handlers={RESTAGE_TIMER: restage_due},
+    )
+
+
+SPEC = ServiceSpec(name="lifecycle", migrations=migrations, build=build)
