@@ -107,10 +107,10 @@ async def overview(conn: AsyncConnection, shop_id: str, now: datetime) -> Overvi
     c = customers.c
     in_shop = c.shop_id == shop_id
     counts = dict.fromkeys(STAGES, 0)
-    for stage, count in (
+    for stage, n in (
         await conn.execute(select(c.stage, func.count()).where(in_shop).group_by(c.stage))
     ).all():
-        counts[stage] = count
+        counts[stage] = n
 
     async def count(*conditions: Any) -> int:
         return int(

