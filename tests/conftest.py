@@ -39,8 +39,11 @@ def broker(workdir: Path) -> Iterator[Broker]:
 def _asyncpg_kwargs(url: str) -> dict[str, Any]:
     u = make_url(url)
     return {
-        "user": u.username, "password": u.password or None,
-        "host": u.query.get("host") or u.host, "port": u.port, "database": u.database,
+        "user": u.username,
+        "password": u.password or None,
+        "host": u.query.get("host") or u.host,
+        "port": u.port,
+        "database": u.database,
     }
 
 
@@ -55,17 +58,22 @@ async def fresh_database(pg_url: str) -> str:
     return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
 
 
-def make_settings(mode: str, tmp_path: Path, *, pg: str | None = None,
-                  bus: str | None = None, **extra: Any) -> Settings:
+def make_settings(
+    mode: str, tmp_path: Path, *, pg: str | None = None, bus: str | None = None, **extra: Any
+) -> Settings:
     """Settings for a test: embedded (SQLite + embedded bus in tmp_path) or distributed
     (the given PostgreSQL database and broker, topics in a namespace of their own)."""
     base: dict[str, Any] = {
-        "data_dir": tmp_path, "admin_key": "test-admin-key", "consumer_retry_backoff_s": 0.01,
+        "data_dir": tmp_path,
+        "admin_key": "test-admin-key",
+        "consumer_retry_backoff_s": 0.01,
         "timer_poll_interval_s": 0.05,
     }
     if mode == "distributed":
         base.update(
-            database_url=pg, bus_url=bus, topic_partitions=4,
+            database_url=pg,
+            bus_url=bus,
+            topic_partitions=4,
             topic_namespace=f"t{uuid.uuid4().hex[:8]}.",
             kafka_idempotence=os.environ.get("HUITOU_TEST_KAFKA_IDEMPOTENCE") == "1",
         )

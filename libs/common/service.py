@@ -67,12 +67,12 @@ class ServiceContext:
         async def handle(batch: list[Received]) -> None:
             events = [decode_event(r.value) for r in batch]
             async with self.db.begin() as conn:
-                new_ids = await claim_new(conn, consumer, (e.id for e in events))
+                new_ids = await claim_new(conn, consumer, (e.dedupe_key for e in events))
                 seen: set[str] = set()
                 fresh = []
                 for event in events:
-                    if event.id in new_ids and event.id not in seen:
-                        seen.add(event.id)
+                    if event.dedupe_key in new_ids and event.dedupe_key not in seen:
+                        seen.add(event.dedupe_key)
                         fresh.append(event)
                 if fresh:
                     await apply(conn, fresh)

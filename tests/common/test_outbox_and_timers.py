@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.common.bus import Bus, Message, Received, create_bus
+from libs.common.bus import Bus, BusUnavailable, Message, Received, create_bus
 from libs.common.db import Database
 from libs.common.db.migrations import migrate
 from libs.common.db.tables import dead_timers, outbox, processed_events, timers
@@ -83,7 +83,7 @@ async def test_outbox_keeps_rows_while_the_bus_is_down(db: Database, settings: S
     async with db.begin() as conn:
         await enqueue(conn, [Message(f"{settings.topic_namespace}x", "k", b"kept")])
     relay = OutboxRelay(db, down, "plumbing")
-    with pytest.raises(Exception, match="Unavailable|not running|not started"):
+    with pytest.raises(BusUnavailable):
         await relay.relay_once()
     assert await count(db, outbox) == 1
 
@@ -117,11 +117,14 @@ def worker(db: Database, handler: Recorder, now: datetime, **kw: int) -> TimerWo
 
 async def test_only_due_timers_fire_and_their_effect_commits_with_them(db: Database) -> None:
     async with db.begin() as conn:
-        await schedule(conn, [
-            Timer("a", "remind", "shop", NOW - timedelta(seconds=5), {"n": 1}),
-            Timer("b", "remind", "shop", NOW, {"n": 2}),
-            Timer("later", "remind", "shop", NOW + timedelta(hours=1)),
-        ])
+        await schedule(
+            conn,
+            [
+                Timer("a", "remind", "shop", NOW - timedelta(seconds=5), {"n": 1}),
+                Timer("b", "remind", "shop", NOW, {"n": 2}),
+                Timer("later", "remind", "shop", NOW + timedelta(hours=1)),
+            ],
+        )
     handler = Recorder()
     assert await worker(db, handler, NOW).fire_due() == 2
     assert sorted(t.key for t in handler.fired) == ["a", "b"]

@@ -31,7 +31,7 @@ processed_events = Table(
     "processed_events",
     metadata,
     Column("consumer", String(100), primary_key=True),
-    Column("event_id", String(200), primary_key=True),
+    Column("event_id", String(420), primary_key=True),
     Column("processed_at", UtcDateTime(), nullable=False),
 )
 
