@@ -93,6 +93,8 @@ class ServiceParts:
     router: APIRouter
     subscriptions: list[Subscription] = field(default_factory=list)
     timer_handlers: dict[str, TimerHandler] = field(default_factory=dict)
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run once after migrations, before consumers start (e.g. schedule a recurring timer)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ class Runtime:
             [topic_name(t, self.settings.topic_namespace) for t in LOGICAL_TOPICS]
         )
         for running in self.services:
+            for hook in running.parts.on_start:
+                await hook()
             await running.ctx.outbox.start()
             for sub in running.parts.subscriptions:
                 consumer = self.bus.consumer(sub.group, sub.topics, sub.handler)

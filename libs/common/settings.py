@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     embedded_partitions: int = Field(default=8, ge=1)
     embedded_retention_hours: float = Field(default=168, gt=0)
 
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest webhook or event request ingest reads; larger ones get 413."""
+    dedupe_horizon_hours: float = Field(default=72, gt=0)
+    """How long ingest remembers published event ids (senders' retry horizon: Shopify
+    retries for 48 hours)."""
+    bus_publish_timeout_s: float = Field(default=10, gt=0)
+    """How long a publish waits for the bus before ingest answers 503."""
+
     log_level: str = "INFO"
 
     @property

@@ -28,7 +28,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common import metrics
-from libs.common.db.dialect import upsert
+from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.db.engine import Database
 from libs.common.db.tables import dead_timers, timers
 from libs.common.errors import is_infrastructure_error
@@ -58,8 +58,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def schedule(conn: AsyncConnection, pending: Sequence[Timer]) -> None:
-    """Create or replace timers by key, in the caller's transaction."""
+async def schedule(
+    conn: AsyncConnection, pending: Sequence[Timer], *, replace: bool = True
+) -> None:
+    """Create timers by key in the caller's transaction, replacing pending ones with the
+    same key (or, with `replace=False`, leaving those as they are)."""
     if not pending:
         return
     rows = {
@@ -74,15 +77,17 @@ async def schedule(conn: AsyncConnection, pending: Sequence[Timer]) -> None:
         }
         for t in pending
     }
-    await conn.execute(
+    statement = (
         upsert(
             conn,
             timers,
             ["key"],
             ["kind", "shop_id", "due_at", "payload", "attempts", "last_error"],
-        ),
-        list(rows.values()),
+        )
+        if replace
+        else insert_ignore(conn, timers)
     )
+    await conn.execute(statement, list(rows.values()))
 
 
 async def cancel(conn: AsyncConnection, keys: Sequence[str]) -> int:

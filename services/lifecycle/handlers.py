@@ -159,7 +159,12 @@ async def apply_events(
             data = event.typed_data()
             assert isinstance(data, OrderData)
             cid = customer_id_of(event, data.customer)
-            _person(people, event, cid).merge(data.customer, event.time)
+            person = _person(people, event, cid)
+            person.merge(data.customer, event.time)
+            if event.type == "order.created":
+                # Placing an order shows interest even if it is never paid.
+                at = data.created_at or event.time
+                person.interest_at = max(person.interest_at or at, at)
             row = _order_row(event, data, cid)
             key = (event.shop_id, data.order_id)
             order_rows[key] = _merge_order_rows(order_rows[key], row) if key in order_rows else row

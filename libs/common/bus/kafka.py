@@ -20,9 +20,6 @@ from libs.common import metrics
 from libs.common.bus.base import Bus, BusUnavailable, Message, Received, Source, dead_letter_topic
 from libs.common.settings import Settings
 
-PUBLISH_TIMEOUT_S = 10.0
-"""How long a publish may wait for `acks=all` before the caller is told the bus is down."""
-
 
 class KafkaBus(Bus):
     """Kafka through aiokafka; see the module docstring."""
@@ -38,7 +35,7 @@ class KafkaBus(Bus):
             acks="all",
             enable_idempotence=self.settings.kafka_idempotence,
             linger_ms=2,
-            request_timeout_ms=int(PUBLISH_TIMEOUT_S * 1000),
+            request_timeout_ms=int(self.settings.bus_publish_timeout_s * 1000),
             max_batch_size=256 * 1024,
         )
         await producer.start()
@@ -56,7 +53,7 @@ class KafkaBus(Bus):
             raise BusUnavailable("producer not started")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            async with asyncio.timeout(self.settings.bus_publish_timeout_s):
                 futures = [
                     await self._producer.send(
                         m.topic,
