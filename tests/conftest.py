@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from libs.common.settings import Settings
+from tests.platform import Platform
 from tests.servers import Broker, kafka_broker, postgres
 
 MODES = ["embedded", "distributed"]
@@ -102,3 +103,24 @@ async def eventually(
         if await check():
             return
         await asyncio.sleep(every)
+
+
+@pytest.fixture(scope="session", params=MODES)
+async def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """Huitou started as a user starts it: `huitou up` (embedded), or `huitou serve` per
+    service on PostgreSQL and the broker (distributed). Small consumer batches make a
+    backlog take many transactions, so a kill lands in the middle of one."""
+    workdir = tmp_path_factory.mktemp(f"platform-{request.param}")
+    extra: dict[str, Any] = {"consumer_batch_size": 10, "bus_publish_timeout_s": 2}
+    if request.param == "embedded":
+        settings = make_settings("embedded", workdir, **extra)
+    else:
+        pg = await fresh_database(request.getfixturevalue("pg_url"))
+        bus = request.getfixturevalue("broker").url
+        settings = make_settings("distributed", workdir, pg=pg, bus=bus, **extra)
+    started = Platform(settings, workdir)
+    await started.start()
+    yield started
+    started.stop()

@@ -49,6 +49,8 @@ class Platform:
             HUITOU_TOPIC_PARTITIONS=str(s.topic_partitions),
             HUITOU_KAFKA_IDEMPOTENCE=str(s.kafka_idempotence).lower(),
             HUITOU_TIMER_POLL_INTERVAL_S="0.2",
+            HUITOU_CONSUMER_BATCH_SIZE=str(s.consumer_batch_size),
+            HUITOU_BUS_PUBLISH_TIMEOUT_S=str(s.bus_publish_timeout_s),
         )
         if s.database_url:
             env["HUITOU_DATABASE_URL"] = s.database_url

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
-from tests.conftest import MODES, fresh_database, make_settings
 from tests.platform import Platform, until
 
 CANONICAL: dict[str, Any] = {
@@ -72,24 +68,6 @@ def order_event(
     return event
 
 
-@pytest.fixture(scope="module", params=MODES)
-async def platform(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    workdir = tmp_path_factory.mktemp(f"platform-{request.param}")
-    extra: dict[str, Any] = {"consumer_batch_size": 10}
-    if request.param == "embedded":
-        settings = make_settings("embedded", workdir, **extra)
-    else:
-        pg = await fresh_database(request.getfixturevalue("pg_url"))
-        bus = request.getfixturevalue("broker").url
-        settings = make_settings("distributed", workdir, pg=pg, bus=bus, **extra)
-    p = Platform(settings, workdir)
-    await p.start()
-    yield p
-    p.stop()
-
-
 def shop_name() -> str:
     return f"shop-{uuid.uuid4().hex[:8]}"
 
@@ -107,7 +85,7 @@ async def test_canonical_order_becomes_a_customer_with_its_order(platform: Platf
     key = await platform.create_shop("acme-tea")
     r = await platform.request("POST", "/v1/events", key=key, json=CANONICAL)
     assert r.status_code == 202, r.text
-    assert r.json() == {"accepted": 1, "ids": ["shopify-evt-7f3c"]}
+    assert r.json() == {"accepted": 1, "duplicates": 0, "ids": ["shopify-evt-7f3c"]}
 
     async def visible() -> bool:
         return await customer(platform, key, "cust-42") is not None

@@ -1,25 +1,34 @@
 """Ingest routes: shops and keys (admin), and the canonical event API."""
 
+from datetime import timedelta
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from libs.common.auth import Principal
-from libs.common.bus import BusUnavailable
-from libs.common.events import INGESTIBLE_TYPES, Envelope, parse_event
+from libs.common.events import INGESTIBLE_TYPES, LOGISTICS_TYPES, Envelope, parse_event
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
-from services.ingest import handlers
-from services.ingest.schemas import Accepted, KeyOut, ShopCreate, ShopOut
+from services.ingest import deliveries, handlers, signing
+from services.ingest.outcomes import measured
+from services.ingest.platforms.base import InvalidPayload, PlatformAdapter
+from services.ingest.schemas import (
+    Accepted,
+    KeyOut,
+    Platform,
+    SecretRotation,
+    ShopCreate,
+    ShopOut,
+    ShopUpdate,
+)
 
-MAX_BODY_BYTES = 1024 * 1024
 MAX_BATCH = 1000
-RETRY_AFTER_S = "5"
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refusing more than `limit` bytes with 413 before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -124,29 +133,142 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             await handlers.revoke_key(conn, shop_id, key_id, namespace)
         ctx.outbox.notify()
 
+    @router.patch("/v1/shops/{shop_id}", response_model=ShopOut)
+    async def update_shop(shop_id: str, body: ShopUpdate, principal: Auth) -> ShopOut:
+        """Change a shop's name, timezone or currency (admin key)."""
+        principal.require_admin()
+        async with ctx.db.begin() as conn:
+            shop = await handlers.update_shop(
+                conn, shop_id, body.model_dump(exclude_none=True), namespace
+            )
+        ctx.outbox.notify()
+        return shop
+
+    @router.put("/v1/shops/{shop_id}/webhook_secrets/{platform}", status_code=204)
+    async def rotate_secret(
+        shop_id: str, platform: Platform, body: SecretRotation, principal: Auth
+    ) -> None:
+        """Set a platform's webhook secret (admin key). The previous secret keeps
+        verifying for `grace_seconds` (default a day) while senders switch over."""
+        principal.require_admin()
+        async with ctx.db.begin() as conn:
+            await handlers.rotate_secret(
+                conn, shop_id, platform, body.secret, timedelta(seconds=body.grace_seconds)
+            )
+
     @router.post("/v1/events", status_code=202, response_model=Accepted)
-    async def post_events(request: Request, principal: Auth) -> Accepted:
+    async def post_events(request: Request) -> Accepted:
         """Accept one canonical event or a batch of up to 1,000.
 
-        Answers 202 only after the bus has durably stored every event; 503 with
-        `Retry-After` when it cannot, and then nothing of the request was accepted.
+        Authenticated by a key (`Authorization: Bearer`), or signed by the shop's own
+        system with `X-Huitou-Signature` and `X-Huitou-Shop` (see `signing.py`). Answers
+        202 only after the bus has durably stored every event; 503 with `Retry-After`
+        when it cannot, and then nothing of the request was accepted.
         """
-        events = parse_canonical(parse_json(await read_body(request)))
-        shop_ids = {e.shop_id for e in events}
-        for shop_id in shop_ids:
-            principal.shop(shop_id)
-        async with ctx.db.connect() as conn:
-            missing = shop_ids - await handlers.known_shops(conn, list(shop_ids))
-        if missing:
-            raise Problem(404, f"unknown shop(s): {sorted(missing)}")
-        try:
-            await handlers.publish_events(ctx.bus, events, namespace)
-        except BusUnavailable:
+        return await receive_canonical(request, "huitou")
+
+    @router.post("/v1/webhooks/{platform}/{shop_id}", response_model=None)
+    async def platform_webhook(platform: str, shop_id: str, request: Request) -> Response:
+        """A shop platform's webhook, verified by that platform's own signature."""
+        adapter = deliveries.PLATFORMS.get(platform)
+        if adapter is None:
             raise Problem(
-                503,
-                "the event bus is unavailable; retry later",
-                headers={"Retry-After": RETRY_AFTER_S},
-            ) from None
-        return Accepted(accepted=len(events), ids=[e.id for e in events])
+                404, f"unknown platform {platform!r}; known: {sorted(deliveries.PLATFORMS)}"
+            )
+        return await receive_platform(request, adapter, shop_id)
+
+    @router.post("/v1/logistics/{provider}/{shop_id}", response_model=None)
+    async def carrier_push(provider: str, shop_id: str, request: Request) -> Response:
+        """A carrier or aggregator's tracking push; `generic` takes canonical logistics
+        events signed with `X-Huitou-Signature`."""
+        if provider == "generic":
+            accepted = await receive_canonical(
+                request, "generic", shop_id=shop_id, only=LOGISTICS_TYPES
+            )
+            return JSONResponse(accepted.model_dump(), status_code=202)
+        adapter = deliveries.CARRIERS.get(provider)
+        if adapter is None:
+            raise Problem(
+                404,
+                f"unknown provider {provider!r}; "
+                f"known: {sorted([*deliveries.CARRIERS, 'generic'])}",
+            )
+        return await receive_platform(request, adapter, shop_id)
+
+    async def receive_canonical(
+        request: Request,
+        platform: str,
+        *,
+        shop_id: str | None = None,
+        only: tuple[str, ...] | None = None,
+    ) -> Accepted:
+        with measured(platform, "canonical") as outcome:
+            body = await read_body(request, ctx.settings.max_body_bytes)
+            if request.headers.get(signing.SIGNATURE_HEADER):
+                signed_shop = shop_id or request.headers.get(signing.SHOP_HEADER)
+                if not signed_shop:
+                    raise Problem(400, f"{signing.SHOP_HEADER} names the signing shop")
+                async with ctx.db.connect() as conn:
+                    await deliveries.shop_context(conn, signed_shop)
+                    secrets = await handlers.active_secrets(conn, signed_shop, "huitou")
+                if not signing.verify(request.headers.get(signing.SIGNATURE_HEADER), body, secrets):
+                    raise Problem(401, "bad or expired X-Huitou-Signature")
+                principal = Principal(shop_id=signed_shop)
+            elif shop_id is None:
+                principal = await ctx.auth(request)
+            else:
+                raise Problem(401, f"sign the request with {signing.SIGNATURE_HEADER}")
+            events = parse_canonical(parse_json(body))
+            if only is not None:
+                wrong = [e.id for e in events if e.type not in only]
+                if wrong:
+                    raise Problem(422, f"only {only[0].split('.')[0]} events here: {wrong}")
+            shop_ids = {e.shop_id for e in events}
+            for event_shop in shop_ids:
+                principal.shop(event_shop)
+            async with ctx.db.connect() as conn:
+                missing = shop_ids - await handlers.known_shops(conn, list(shop_ids))
+            if missing:
+                raise Problem(404, f"unknown shop(s): {sorted(missing)}")
+            published, duplicates = await deliveries.publish_once(ctx, events, platform)
+            outcome.set("accepted" if published else "duplicate")
+            return Accepted(accepted=len(events), duplicates=duplicates, ids=[e.id for e in events])
+
+    async def receive_platform(
+        request: Request, adapter: PlatformAdapter, shop_id: str
+    ) -> Response:
+        with measured(adapter.name, "unknown") as outcome:
+            body = await read_body(request, ctx.settings.max_body_bytes)
+            async with ctx.db.connect() as conn:
+                shop = await deliveries.shop_context(conn, shop_id)
+                secrets = await handlers.active_secrets(conn, shop_id, adapter.name)
+            if not secrets:
+                raise Problem(401, f"shop {shop_id!r} has no {adapter.name} secret configured")
+            if not adapter.verify(body, request.headers, secrets):
+                raise Problem(401, f"the {adapter.name} signature does not verify")
+            try:
+                normalized = adapter.normalize(body, request.headers, shop)
+            except InvalidPayload as exc:
+                raise Problem(
+                    exc.status, exc.message, errors=[{"field": exc.field, "message": exc.message}]
+                ) from None
+            outcome.topic = normalized.topic
+            published, duplicates = 0, 0
+            if normalized.events:
+                published, duplicates = await deliveries.publish_once(
+                    ctx, normalized.events, adapter.name
+                )
+            outcome.set(
+                "ignored" if not normalized.events else "accepted" if published else "duplicate"
+            )
+            if normalized.response is not None:
+                return Response(normalized.response, media_type=normalized.response_media_type)
+            return JSONResponse(
+                {
+                    "accepted": published,
+                    "duplicates": duplicates,
+                    "ids": [e.id for e in normalized.events],
+                }
+            )
 
     return router

@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -161,3 +161,64 @@ async def known_shops(conn: AsyncConnection, shop_ids: Sequence[str]) -> set[str
 async def publish_events(bus: Bus, events: Sequence[Envelope], namespace: str) -> None:
     """Publish every event durably or raise BusUnavailable (then nothing is acknowledged)."""
     await bus.publish([to_message(e, namespace) for e in events])
+
+
+async def update_shop(
+    conn: AsyncConnection, shop_id: str, changes: dict[str, str], namespace: str
+) -> ShopOut:
+    """Change a shop's name, timezone or currency and announce it to every service."""
+    if changes:
+        await conn.execute(update(shops).where(shops.c.shop_id == shop_id).values(**changes))
+    shop = await get_shop(conn, shop_id)
+    if shop is None:
+        raise Problem(404, f"unknown shop {shop_id!r}")
+    data = ShopData(
+        shop_id=shop.shop_id, name=shop.name, timezone=shop.timezone, currency=shop.currency
+    )
+    await enqueue(conn, [to_message(_registry_event("shop.updated", shop_id, data), namespace)])
+    return shop
+
+
+async def rotate_secret(
+    conn: AsyncConnection, shop_id: str, platform: str, secret: str, grace: timedelta
+) -> None:
+    """Make `secret` the platform's secret; the previous ones keep verifying for `grace`."""
+    if await get_shop(conn, shop_id) is None:
+        raise Problem(404, f"unknown shop {shop_id!r}")
+    now = datetime.now(UTC)
+    s = webhook_secrets.c
+    retire_at = now + grace
+    await conn.execute(
+        update(webhook_secrets)
+        .where(
+            s.shop_id == shop_id,
+            s.platform == platform,
+            or_(s.expires_at.is_(None), s.expires_at > retire_at),
+        )
+        .values(expires_at=retire_at)
+    )
+    await conn.execute(
+        webhook_secrets.insert().values(
+            shop_id=shop_id,
+            platform=platform,
+            secret_id=secrets.token_hex(6),
+            secret=secret,
+            created_at=now,
+            expires_at=None,
+        )
+    )
+
+
+async def active_secrets(conn: AsyncConnection, shop_id: str, platform: str) -> list[str]:
+    """The platform's current secret and any still inside their grace period."""
+    s = webhook_secrets.c
+    rows = await conn.execute(
+        select(s.secret)
+        .where(
+            s.shop_id == shop_id,
+            s.platform == platform,
+            or_(s.expires_at.is_(None), s.expires_at > datetime.now(UTC)),
+        )
+        .order_by(s.created_at.desc())
+    )
+    return list(rows.scalars())

@@ -27,4 +27,16 @@ webhook_secrets = Table(
 """Write-only secrets per shop and platform; a rotated-out secret keeps working until
 `expires_at` (the grace period) so deliveries signed before the rotation still verify."""
 
-__all__ = ["api_keys", "shops", "webhook_secrets"]
+ingest_ledger = Table(
+    "ingest_ledger",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("dedupe_key", String(420), primary_key=True),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    Index("ix_ingest_ledger_expires_at", "expires_at"),
+)
+"""Canonical events published recently (CloudEvents source + id), kept for the senders'
+retry horizon so a redelivered webhook produces no second event. Rows expire; this is
+an idempotency ledger, not per-event business state."""
+
+__all__ = ["api_keys", "ingest_ledger", "shops", "webhook_secrets"]

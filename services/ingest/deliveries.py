@@ -1,0 +1,123 @@
+"""Receiving a delivery: read, verify, normalise, publish once, answer.
+
+Every route that takes events from outside (platform webhooks, carrier pushes, the
+canonical API) goes through `publish_once`: events already published within the
+senders' retry horizon (the ledger, keyed by CloudEvents source + id) are dropped, the
+rest are published and acknowledged by the bus, and only then recorded and answered 2xx.
+If the bus does not acknowledge, the answer is 503 with `Retry-After` and nothing is
+recorded, so the sender's retry publishes again (a partial publish is completed by that
+retry and deduplicated downstream by event id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.bus import BusUnavailable
+from libs.common.db.dialect import insert_ignore
+from libs.common.events import Envelope
+from libs.common.problems import Problem
+from libs.common.service import ServiceContext
+from libs.common.timers import Timer, schedule
+from services.ingest import metrics
+from services.ingest.handlers import publish_events
+from services.ingest.models import ingest_ledger, shops
+from services.ingest.platforms.aftership import AfterShipAdapter
+from services.ingest.platforms.base import PlatformAdapter, ShopContext
+from services.ingest.platforms.kuaidi100 import Kuaidi100Adapter
+from services.ingest.platforms.shopify import ShopifyAdapter
+from services.ingest.platforms.taobao import TaobaoAdapter
+from services.ingest.platforms.woocommerce import WooCommerceAdapter
+
+RETRY_AFTER_S = "5"
+PRUNE_TIMER = "ingest.prune_ledger"
+PRUNE_EVERY = timedelta(hours=1)
+
+PLATFORMS: Mapping[str, PlatformAdapter] = {
+    "shopify": ShopifyAdapter(),
+    "woocommerce": WooCommerceAdapter(),
+    "taobao": TaobaoAdapter(),
+}
+"""`POST /v1/webhooks/{platform}/{shop_id}`."""
+
+CARRIERS: Mapping[str, PlatformAdapter] = {
+    "kuaidi100": Kuaidi100Adapter(),
+    "aftership": AfterShipAdapter(),
+}
+"""`POST /v1/logistics/{provider}/{shop_id}`."""
+
+
+async def shop_context(conn: AsyncConnection, shop_id: str) -> ShopContext:
+    row = (
+        await conn.execute(
+            select(shops.c.shop_id, shops.c.currency, shops.c.timezone).where(
+                shops.c.shop_id == shop_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise Problem(404, f"unknown shop {shop_id!r}")
+    return ShopContext(shop_id=row.shop_id, currency=row.currency, timezone=row.timezone)
+
+
+async def publish_once(
+    ctx: ServiceContext, events: Sequence[Envelope], platform: str
+) -> tuple[int, int]:
+    """Publish the events not published before; returns (published, duplicates)."""
+    unique = list({(e.shop_id, e.dedupe_key): e for e in events}.values())
+    now = datetime.now(UTC)
+    async with ctx.db.connect() as conn:
+        seen: set[tuple[str, str]] = set()
+        for shop_id in {e.shop_id for e in unique}:
+            keys = [e.dedupe_key for e in unique if e.shop_id == shop_id]
+            rows = await conn.execute(
+                select(ingest_ledger.c.dedupe_key).where(
+                    ingest_ledger.c.shop_id == shop_id,
+                    ingest_ledger.c.dedupe_key.in_(keys),
+                    ingest_ledger.c.expires_at > now,
+                )
+            )
+            seen.update((shop_id, key) for key in rows.scalars())
+    fresh = [e for e in unique if (e.shop_id, e.dedupe_key) not in seen]
+    if fresh:
+        started = time.perf_counter()
+        try:
+            await publish_events(ctx.bus, fresh, ctx.settings.topic_namespace)
+        except BusUnavailable:
+            raise Problem(
+                503,
+                "the event bus is unavailable; nothing was accepted, retry later",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
+        metrics.BUS_ACK_SECONDS.labels(platform).observe(time.perf_counter() - started)
+        expires = now + timedelta(hours=ctx.settings.dedupe_horizon_hours)
+        async with ctx.db.begin() as conn:
+            await conn.execute(
+                insert_ignore(conn, ingest_ledger),
+                [
+                    {"shop_id": e.shop_id, "dedupe_key": e.dedupe_key, "expires_at": expires}
+                    for e in fresh
+                ],
+            )
+        for e in fresh:
+            metrics.EVENTS.labels(platform, e.type).inc()
+    return len(fresh), len(events) - len(fresh)
+
+
+async def prune_ledger(conn: AsyncConnection, fired: list[Timer]) -> None:
+    """Recurring timer: forget events past the retry horizon, then come back in an hour."""
+    now = datetime.now(UTC)
+    await conn.execute(delete(ingest_ledger).where(ingest_ledger.c.expires_at <= now))
+    await schedule(conn, [Timer(PRUNE_TIMER, PRUNE_TIMER, "-", now + PRUNE_EVERY)])
+
+
+async def schedule_pruning(ctx: ServiceContext) -> None:
+    """Make sure the recurring prune timer exists (idempotent across replicas)."""
+    first = Timer(PRUNE_TIMER, PRUNE_TIMER, "-", datetime.now(UTC) + PRUNE_EVERY)
+    async with ctx.db.begin() as conn:
+        await schedule(conn, [first], replace=False)
