@@ -24,7 +24,7 @@ from tests.servers import free_port, wait_for_port
 SERVICES = ("ingest", "lifecycle", "campaigns", "notifier")
 ROUTES = {
     "ingest": ("/v1/shops", "/v1/events", "/v1/webhooks", "/v1/logistics"),
-    "lifecycle": ("/v1/customers", "/v1/overview"),
+    "lifecycle": ("/v1/customers", "/v1/overview", "/v1/tags", "/v1/segments", "/v1/policy"),
 }
 
 

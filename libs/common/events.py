@@ -186,6 +186,13 @@ class TagChangedData(_Data):
     tag: NonEmpty
 
 
+class CustomerMergedData(_Data):
+    """`customer.merged`: profiles found to be one person were folded into `customer_id`."""
+
+    customer_id: NonEmpty
+    merged_ids: list[NonEmpty]
+
+
 class LevelChangedData(_Data):
     customer_id: NonEmpty
     previous: str | None
@@ -241,6 +248,7 @@ CUSTOMER_TYPES = (
     "customer.tag_added",
     "customer.tag_removed",
     "customer.level_changed",
+    "customer.merged",
 )
 NOTIFICATION_TYPES = ("notification.requested", "notification.status")
 SHOP_TYPES = ("shop.registered", "shop.updated", "shop.key_issued", "shop.key_revoked")
@@ -256,6 +264,7 @@ DATA_SCHEMAS: dict[str, type[_Data]] = {
     "customer.tag_added": TagChangedData,
     "customer.tag_removed": TagChangedData,
     "customer.level_changed": LevelChangedData,
+    "customer.merged": CustomerMergedData,
     "notification.requested": NotificationRequestedData,
     "notification.status": NotificationStatusData,
     "shop.registered": ShopData,

@@ -9,7 +9,13 @@ from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subsc
 from libs.common.timers import Timer
 from services.lifecycle import migrations
 from services.lifecycle.api import build_router
-from services.lifecycle.handlers import RESTAGE_TIMER, apply_events, on_restage_timers
+from services.lifecycle.handlers import (
+    RESTAGE_SHOP_TIMER,
+    RESTAGE_TIMER,
+    apply_events,
+    on_restage_shop_timers,
+    on_restage_timers,
+)
 
 GROUP = "lifecycle"
 
@@ -23,6 +29,9 @@ def build(ctx: ServiceContext) -> ServiceParts:
     async def restage_due(conn: AsyncConnection, fired: list[Timer]) -> None:
         await on_restage_timers(conn, fired, namespace=namespace)
 
+    async def restage_shop_due(conn: AsyncConnection, fired: list[Timer]) -> None:
+        await on_restage_shop_timers(conn, fired, namespace=namespace)
+
     return ServiceParts(
         router=build_router(ctx),
         subscriptions=[
@@ -32,7 +41,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
                 ctx.events_handler(GROUP, apply),
             )
         ],
-        timer_handlers={RESTAGE_TIMER: restage_due},
+        timer_handlers={RESTAGE_TIMER: restage_due, RESTAGE_SHOP_TIMER: restage_shop_due},
     )
 
 

@@ -1,42 +1,60 @@
-"""Lifecycle's event handlers: the orders projection, RFM, stages and member levels.
+"""Lifecycle's event handlers: identities, the orders projection, RFM, stages, levels and
+automatic tags.
 
-Each consumed batch is applied in one transaction with bulk statements: customers and
-orders are upserted with merge rules that make the result independent of arrival order
-(per-status times keep the earliest seen, descriptive fields the newest event's, refunds
-add up), then every touched customer's RFM is recomputed from its orders, so the
-incremental figures always equal a full recomputation. Stage and level changes are
-written to the outbox with their previous and new values, and each customer keeps one
-timer for the moment time alone will move it to its next stage.
+Each consumed batch is applied in one transaction with bulk statements: identities are
+resolved (merging profiles that prove to be one person), customers and orders are upserted
+with merge rules that make the result independent of arrival order (per-status times keep
+the earliest seen, descriptive fields the newest event's, refunds add up), then every
+touched customer is re-derived from its orders (`restage`), so the incremental figures
+always equal a full recomputation. Changes of stage, level and tags are written to the
+outbox with their previous and new values, and each customer keeps one timer for the moment
+time alone next changes its stage or an automatic tag.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, or_, select, update
+import orjson
+from sqlalchemy import bindparam, case, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import Message
-from libs.common.db.dialect import upsert
+from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.events import (
     BEHAVIOR_TYPES,
+    LOGISTICS_TYPES,
     ORDER_TYPES,
     BehaviorData,
     Customer,
+    CustomerMergedData,
     Envelope,
     LevelChangedData,
+    LogisticsData,
     OrderData,
     StageChangedData,
+    TagChangedData,
     new_event,
     topic_for,
 )
 from libs.common.outbox import enqueue
 from libs.common.timers import Timer, cancel, schedule
-from services.lifecycle.models import customers, orders
-from services.lifecycle.stages import DEFAULT_POLICY, Facts, member_level, next_change_at, stage_of
+from services.lifecycle.identities import Identity, IdentityResolver
+from services.lifecycle.models import (
+    customer_notes,
+    customer_tags,
+    customers,
+    order_tracking,
+    orders,
+    stage_history,
+    tags,
+)
+from services.lifecycle.policies import load_policies
+from services.lifecycle.rules import CustomerFacts, Rule, evaluate, parse_rule, recency_thresholds
+from services.lifecycle.stages import Facts, StagePolicy, member_level, next_change_at, stage_of
 
 SOURCE = "huitou/lifecycle"
 RESTAGE_TIMER = "lifecycle.restage"
@@ -48,13 +66,18 @@ STATUS_TIMES = (
     "cancelled_at",
     "refunded_at",
 )
+CHUNK = 500
 
 CustomerKey = tuple[str, str]
 
 
-def customer_id_of(event: Envelope, customer: Customer) -> str:
-    """The platform's customer id, else the normalised phone, else the email."""
-    return str(event.subject or customer.id or customer.phone or customer.email)
+def identity_of(event: Envelope, customer: Customer) -> Identity:
+    """The identities an event shows: the platform id (the event's subject when it is
+    neither the phone nor the email), the phone and the email."""
+    platform_id = customer.id
+    if platform_id is None and event.subject not in (None, customer.phone, customer.email):
+        platform_id = event.subject
+    return Identity(event.shop_id, platform_id, customer.phone, customer.email)
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -70,6 +93,7 @@ class _CustomerRow:
     shop_id: str
     customer_id: str
     seen_at: datetime
+    source: str
     name: str | None = None
     phone: str | None = None
     email: str | None = None
@@ -81,6 +105,9 @@ class _CustomerRow:
             self.phone = customer.phone or self.phone
             self.email = customer.email or self.email
         self.seen_at = min(self.seen_at, at)
+
+    def interested(self, at: datetime) -> None:
+        self.interest_at = max(self.interest_at or at, at)
 
 
 def _order_row(event: Envelope, data: OrderData, customer_id: str) -> dict[str, Any]:
@@ -111,9 +138,11 @@ def _order_row(event: Envelope, data: OrderData, customer_id: str) -> dict[str, 
 def _merge_order_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     newer, older = (b, a) if b["data_time"] >= a["data_time"] else (a, b)
     merged = dict(newer)
-    for name in ("total_minor", "currency"):
+    for name in ("total_minor", "currency", "shipping_province", "shipping_city"):
         if merged[name] is None:
             merged[name] = older[name]
+    if not merged["item_count"]:
+        merged["item_count"] = older["item_count"]
     for name in STATUS_TIMES:
         merged[name] = _earliest(a[name], b[name])
     merged["refunded_minor"] = a["refunded_minor"] + b["refunded_minor"]
@@ -125,7 +154,7 @@ def order_status(row: Any) -> str:
     """The order's status from the times it reached each status (arrival order free)."""
     if row.refunded_at is not None and row.refunded_minor >= (row.total_minor or 0):
         return "refunded"
-    if row.cancelled_at is not None and row.paid_at is None:
+    if row.cancelled_at is not None and not is_purchase(row):
         return "cancelled"
     if row.completed_at is not None:
         return "completed"
@@ -135,12 +164,25 @@ def order_status(row: Any) -> str:
         return "paid"
     if row.cancelled_at is not None:
         return "cancelled"
+    if row.refunded_at is not None:
+        return "paid"
     return "created"
 
 
 def is_purchase(row: Any) -> bool:
-    """An order counts as a purchase once paid, unless it was cancelled before payment."""
-    return row.paid_at is not None
+    """An order counts as a purchase once it reached `paid` or a later status (shipped,
+    completed, refunded all imply payment); one cancelled before payment never was."""
+    return any(
+        t is not None for t in (row.paid_at, row.shipped_at, row.completed_at, row.refunded_at)
+    )
+
+
+def purchased_at(row: Any) -> datetime:
+    """When a purchase was placed: its creation time, else the earliest status reached."""
+    placed: datetime = row.created_at or min(
+        t for t in (row.paid_at, row.shipped_at, row.completed_at, row.refunded_at) if t is not None
+    )
+    return placed
 
 
 async def apply_events(
@@ -152,43 +194,136 @@ async def apply_events(
 ) -> None:
     """Apply a batch of new (deduplicated) events in the caller's transaction."""
     now = now or datetime.now(UTC)
+    shown: list[tuple[Envelope, Any, Identity]] = []
+    tracking: dict[tuple[str, str, str], dict[str, Any]] = {}
+    carrier_updates: list[dict[str, Any]] = []
+    for event in events:
+        if event.type in ORDER_TYPES or event.type in BEHAVIOR_TYPES:
+            data = event.typed_data()
+            assert isinstance(data, OrderData | BehaviorData)
+            shown.append((event, data, identity_of(event, data.customer)))
+        elif event.type in LOGISTICS_TYPES:
+            parcel = event.typed_data()
+            assert isinstance(parcel, LogisticsData)
+            carrier_updates.append(
+                {
+                    "s": event.shop_id,
+                    "t": parcel.tracking_number,
+                    "status": parcel.status,
+                    "at": event.time,
+                }
+            )
+            if parcel.order_id:
+                _track(
+                    tracking,
+                    event.shop_id,
+                    parcel.order_id,
+                    parcel.tracking_number,
+                    parcel.carrier,
+                    parcel.status,
+                    event.time,
+                )
+    resolver = await IdentityResolver.load(conn, (identity for _, _, identity in shown))
+    resolved = [resolver.resolve(identity) for _, _, identity in shown]
+
     people: dict[CustomerKey, _CustomerRow] = {}
     order_rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for event in events:
-        if event.type in ORDER_TYPES:
-            data = event.typed_data()
-            assert isinstance(data, OrderData)
-            cid = customer_id_of(event, data.customer)
-            person = _person(people, event, cid)
-            person.merge(data.customer, event.time)
-            if event.type == "order.created":
-                # Placing an order shows interest even if it is never paid.
-                at = data.created_at or event.time
-                person.interest_at = max(person.interest_at or at, at)
-            row = _order_row(event, data, cid)
-            key = (event.shop_id, data.order_id)
-            order_rows[key] = _merge_order_rows(order_rows[key], row) if key in order_rows else row
-        elif event.type in BEHAVIOR_TYPES:
-            behaviour = event.typed_data()
-            assert isinstance(behaviour, BehaviorData)
-            cid = customer_id_of(event, behaviour.customer)
-            person = _person(people, event, cid)
-            person.merge(behaviour.customer, event.time)
-            at = behaviour.occurred_at or event.time
-            person.interest_at = max(person.interest_at or at, at)
-    if not people:
-        return
-    await _upsert_customers(conn, list(people.values()))
+    for (event, data, _), raw_id in zip(shown, resolved, strict=True):
+        cid = resolver.final(event.shop_id, raw_id)
+        key = (event.shop_id, cid)
+        if key not in people:
+            people[key] = _CustomerRow(event.shop_id, cid, event.time, event.source.split("/")[0])
+        person = people[key]
+        person.merge(data.customer, event.time)
+        if isinstance(data, BehaviorData):
+            person.interested(data.occurred_at or event.time)
+            continue
+        if event.type == "order.created":
+            # Placing an order shows interest even if it is never paid.
+            person.interested(data.created_at or event.time)
+        row = _order_row(event, data, cid)
+        okey = (event.shop_id, data.order_id)
+        order_rows[okey] = _merge_order_rows(order_rows[okey], row) if okey in order_rows else row
+        if data.tracking_number:
+            _track(
+                tracking,
+                event.shop_id,
+                data.order_id,
+                data.tracking_number,
+                data.carrier,
+                None,
+                event.time,
+            )
+
+    await resolver.save(conn)
+    if people:
+        await _upsert_customers(conn, list(people.values()))
     if order_rows:
         await _upsert_orders(conn, list(order_rows.values()))
-    await restage(conn, list(people), now=now, namespace=namespace)
+    await _save_tracking(conn, list(tracking.values()), carrier_updates)
+    merges = resolver.merges()
+    if merges:
+        await _merge_profiles(conn, merges, now, namespace)
+    touched = set(people) | {(shop, winner) for shop, _, winner in merges}
+    await restage(conn, sorted(touched), now=now, namespace=namespace)
 
 
-def _person(people: dict[CustomerKey, _CustomerRow], event: Envelope, cid: str) -> _CustomerRow:
-    key = (event.shop_id, cid)
-    if key not in people:
-        people[key] = _CustomerRow(event.shop_id, cid, event.time)
-    return people[key]
+def _track(
+    tracking: dict[tuple[str, str, str], dict[str, Any]],
+    shop: str,
+    order_id: str,
+    number: str,
+    carrier: str | None,
+    status: str | None,
+    at: datetime,
+) -> None:
+    key = (shop, order_id, number)
+    row = tracking.get(key)
+    if row is None or at >= row["updated_at"]:
+        tracking[key] = {
+            "shop_id": shop,
+            "order_id": order_id,
+            "tracking_number": number,
+            "carrier": carrier or (row or {}).get("carrier"),
+            "status": status or (row or {}).get("status"),
+            "updated_at": at,
+        }
+
+
+async def _save_tracking(
+    conn: AsyncConnection, rows: list[dict[str, Any]], carrier_updates: list[dict[str, Any]]
+) -> None:
+    t = order_tracking.c
+    if rows:
+
+        def merge(excluded: Any) -> dict[str, Any]:
+            newer = excluded.updated_at >= t.updated_at
+            return {
+                "carrier": case((excluded.carrier.is_(None), t.carrier), else_=excluded.carrier),
+                "status": case(
+                    (newer & excluded.status.is_not(None), excluded.status), else_=t.status
+                ),
+                "updated_at": case((newer, excluded.updated_at), else_=t.updated_at),
+            }
+
+        await conn.execute(
+            upsert(
+                conn, order_tracking, ["shop_id", "order_id", "tracking_number"], [], merge=merge
+            ),
+            rows,
+        )
+    if carrier_updates:
+        # Carrier pushes rarely know the order: join them through the tracking number.
+        await conn.execute(
+            update(order_tracking)
+            .where(
+                t.shop_id == bindparam("s"),
+                t.tracking_number == bindparam("t"),
+                (t.updated_at.is_(None)) | (t.updated_at <= bindparam("at")),
+            )
+            .values(status=bindparam("status"), updated_at=bindparam("at")),
+            carrier_updates,
+        )
 
 
 async def _upsert_customers(conn: AsyncConnection, rows: list[_CustomerRow]) -> None:
@@ -208,6 +343,7 @@ async def _upsert_customers(conn: AsyncConnection, rows: list[_CustomerRow]) -> 
                 (excluded.last_interest_at > c.last_interest_at, excluded.last_interest_at),
                 else_=c.last_interest_at,
             ),
+            "source": case((c.source.is_(None), excluded.source), else_=c.source),
         }
 
     await conn.execute(
@@ -222,6 +358,7 @@ async def _upsert_customers(conn: AsyncConnection, rows: list[_CustomerRow]) -> 
                 "first_seen_at": r.seen_at,
                 "last_interest_at": r.interest_at,
                 "stage": "prospect",
+                "source": r.source,
             }
             for r in rows
         ],
@@ -234,11 +371,13 @@ async def _upsert_orders(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
     def merge(excluded: Any) -> dict[str, Any]:
         newer = excluded.data_time >= o.data_time
         set_: dict[str, Any] = {
-            name: case((newer, excluded[name]), else_=o[name])
-            for name in ("customer_id", "item_count", "shipping_province", "shipping_city")
+            "customer_id": case((newer, excluded.customer_id), else_=o.customer_id),
+            "item_count": case(
+                (newer & (excluded.item_count > 0), excluded.item_count), else_=o.item_count
+            ),
         }
-        for name in ("total_minor", "currency"):
-            # A message without the total (a refund notice) keeps the known one.
+        for name in ("total_minor", "currency", "shipping_province", "shipping_city"):
+            # A message without the field (a refund notice) keeps the known value.
             set_[name] = case(
                 (excluded[name].is_(None), o[name]),
                 (o[name].is_(None), excluded[name]),
@@ -259,69 +398,160 @@ async def _upsert_orders(conn: AsyncConnection, rows: list[dict[str, Any]]) -> N
     await conn.execute(upsert(conn, orders, ["shop_id", "order_id"], [], merge=merge), rows)
 
 
+async def _merge_profiles(
+    conn: AsyncConnection, merges: list[tuple[str, str, str]], now: datetime, namespace: str
+) -> None:
+    """Fold each loser's orders, tags and notes into its winner, mark it merged, announce."""
+    moves = [{"s": s, "loser": loser, "winner": winner} for s, loser, winner in merges]
+    for table in (orders, customer_notes):
+        await conn.execute(
+            update(table)
+            .where(table.c.shop_id == bindparam("s"), table.c.customer_id == bindparam("loser"))
+            .values(customer_id=bindparam("winner")),
+            moves,
+        )
+    keys = [(s, loser) for s, loser, _ in merges]
+    winner_of = {(s, loser): winner for s, loser, winner in merges}
+    ct = customer_tags.c
+    moved = [
+        {
+            "shop_id": r.shop_id,
+            "customer_id": winner_of[(r.shop_id, r.customer_id)],
+            "tag": r.tag,
+            "assigned_at": r.assigned_at,
+        }
+        for r in await conn.execute(
+            select(customer_tags).where(tuple_(ct.shop_id, ct.customer_id).in_(keys))
+        )
+    ]
+    if moved:
+        await conn.execute(insert_ignore(conn, customer_tags), moved)
+    await conn.execute(delete(customer_tags).where(tuple_(ct.shop_id, ct.customer_id).in_(keys)))
+    await conn.execute(
+        update(customers)
+        .where(customers.c.shop_id == bindparam("s"), customers.c.customer_id == bindparam("loser"))
+        .values(merged_into=bindparam("winner")),
+        moves,
+    )
+    await cancel(conn, [f"restage:{s}:{loser}" for s, loser, _ in merges])
+    by_winner: dict[CustomerKey, list[str]] = {}
+    for s, loser, winner in merges:
+        by_winner.setdefault((s, winner), []).append(loser)
+    await enqueue(
+        conn,
+        [
+            _change_event(
+                "customer.merged",
+                key,
+                now,
+                namespace,
+                CustomerMergedData(customer_id=key[1], merged_ids=sorted(losers)),
+                discriminator=",".join(sorted(losers)),
+            )
+            for key, losers in by_winner.items()
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class _AutoTag:
+    name: str
+    rule: Rule
+
+
+async def _auto_tags(conn: AsyncConnection, shop_ids: set[str]) -> dict[str, list[_AutoTag]]:
+    found: dict[str, list[_AutoTag]] = {shop: [] for shop in shop_ids}
+    rows = await conn.execute(
+        select(tags.c.shop_id, tags.c.name, tags.c.rule).where(
+            tags.c.shop_id.in_(shop_ids), tags.c.kind == "auto"
+        )
+    )
+    for row in rows:
+        found[row.shop_id].append(_AutoTag(row.name, parse_rule_json(row.rule)))
+    return found
+
+
+def parse_rule_json(text: str) -> Rule:
+    return parse_rule(orjson.loads(text))
+
+
 async def restage(
     conn: AsyncConnection, keys: Sequence[CustomerKey], *, now: datetime, namespace: str
 ) -> None:
-    """Recompute RFM, status, stage and level of these customers from their orders, write
-    what changed, emit change events and keep one restage timer per customer."""
+    """Re-derive these customers from their orders: RFM, order statuses, stage, level,
+    automatic tags; write what changed, emit change events, keep one timer each."""
+    for start in range(0, len(keys), CHUNK):
+        await _restage_chunk(conn, list(keys[start : start + CHUNK]), now, namespace)
+
+
+async def _restage_chunk(
+    conn: AsyncConnection, keys: list[CustomerKey], now: datetime, namespace: str
+) -> None:
     if not keys:
         return
-    condition = or_(
-        *[and_(customers.c.shop_id == s, customers.c.customer_id == c) for s, c in keys]
-    )
+    c = customers.c
     current = {
         (r.shop_id, r.customer_id): r
-        for r in (await conn.execute(select(customers).where(condition))).all()
+        for r in await conn.execute(
+            select(customers).where(
+                tuple_(c.shop_id, c.customer_id).in_(keys), c.merged_into.is_(None)
+            )
+        )
     }
-    order_condition = or_(
-        *[and_(orders.c.shop_id == s, orders.c.customer_id == c) for s, c in keys]
-    )
-    by_customer: dict[CustomerKey, list[Any]] = {}
+    if not current:
+        return
+    shops = {shop for shop, _ in current}
+    policies = await load_policies(conn, shops)
+    auto = await _auto_tags(conn, shops)
+    auto_names = {(shop, t.name) for shop, ts in auto.items() for t in ts}
+    held: dict[CustomerKey, set[str]] = {key: set() for key in current}
+    ct = customer_tags.c
+    for r in await conn.execute(
+        select(ct.shop_id, ct.customer_id, ct.tag).where(
+            tuple_(ct.shop_id, ct.customer_id).in_(list(current))
+        )
+    ):
+        held[(r.shop_id, r.customer_id)].add(r.tag)
+
+    by_customer: dict[CustomerKey, list[Any]] = {key: [] for key in current}
     status_updates = []
-    for row in (await conn.execute(select(orders).where(order_condition))).all():
-        by_customer.setdefault((row.shop_id, row.customer_id), []).append(row)
+    o = orders.c
+    for row in await conn.execute(
+        select(orders).where(tuple_(o.shop_id, o.customer_id).in_(list(current)))
+    ):
+        by_customer[(row.shop_id, row.customer_id)].append(row)
         status = order_status(row)
         if status != row.status:
             status_updates.append({"s": row.shop_id, "o": row.order_id, "status": status})
     if status_updates:
         await conn.execute(
             update(orders)
-            .where(orders.c.shop_id == bindparam("s"), orders.c.order_id == bindparam("o"))
+            .where(o.shop_id == bindparam("s"), o.order_id == bindparam("o"))
             .values(status=bindparam("status")),
             status_updates,
         )
 
-    customer_updates: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     outgoing: list[Message] = []
+    history: list[dict[str, Any]] = []
+    tags_added: list[dict[str, Any]] = []
+    tags_removed: list[tuple[str, str, str]] = []
     timers: list[Timer] = []
     no_timer: list[str] = []
     for key, before in current.items():
-        purchases = [r for r in by_customer.get(key, []) if is_purchase(r)]
-        placed = [r.created_at or r.paid_at for r in purchases]
-        frequency = len(purchases)
-        monetary = sum(max(0, (r.total_minor or 0) - r.refunded_minor) for r in purchases)
-        first = min(placed) if placed else None
-        last = max(placed) if placed else None
-        currency = next((r.currency for r in purchases if r.currency), before.currency)
-        facts = Facts(frequency, last, before.last_interest_at)
-        stage = stage_of(facts, now)
-        level = member_level(monetary)
-        customer_updates.append(
-            {
-                "s": key[0],
-                "c": key[1],
-                "frequency": frequency,
-                "monetary_minor": monetary,
-                "first_order_at": first,
-                "last_order_at": last,
-                "currency": currency,
-                "stage": stage,
-                "is_returning": frequency > 1,
-                "member_level": level,
-                "stage_changed_at": now if stage != before.stage else before.stage_changed_at,
-            }
-        )
-        if stage != before.stage:
+        policy = policies[key[0]]
+        derived = derive(before, by_customer[key], policy, now)
+        updates.append({"s": key[0], "c": key[1], **derived.columns(before, now)})
+        if derived.stage != before.stage:
+            history.append(
+                {
+                    "shop_id": key[0],
+                    "customer_id": key[1],
+                    "at": now,
+                    "previous": before.stage,
+                    "current": derived.stage,
+                }
+            )
             outgoing.append(
                 _change_event(
                     "customer.stage_changed",
@@ -331,12 +561,13 @@ async def restage(
                     StageChangedData(
                         customer_id=key[1],
                         previous=before.stage,
-                        current=stage,
-                        returning=frequency > 1,
+                        current=derived.stage,
+                        returning=derived.frequency > 1,
                     ),
+                    discriminator=derived.stage,
                 )
             )
-        if level != before.member_level:
+        if derived.level != before.member_level:
             outgoing.append(
                 _change_event(
                     "customer.level_changed",
@@ -344,27 +575,139 @@ async def restage(
                     now,
                     namespace,
                     LevelChangedData(
-                        customer_id=key[1], previous=before.member_level, current=level
+                        customer_id=key[1], previous=before.member_level, current=derived.level
                     ),
+                    discriminator=str(derived.level),
                 )
             )
+        manual = {t for t in held[key] if (key[0], t) not in auto_names}
+        facts = derived.rule_facts(before, frozenset(manual))
+        thresholds: set[int] = set()
+        for tag in auto[key[0]]:
+            thresholds |= recency_thresholds(tag.rule)
+            has = tag.name in held[key]
+            should = evaluate(tag.rule, facts, now, policy.level_order)
+            if should and not has:
+                tags_added.append(
+                    {"shop_id": key[0], "customer_id": key[1], "tag": tag.name, "assigned_at": now}
+                )
+                outgoing.append(tag_event("customer.tag_added", key, tag.name, now, namespace))
+            elif has and not should:
+                tags_removed.append((key[0], key[1], tag.name))
+                outgoing.append(tag_event("customer.tag_removed", key, tag.name, now, namespace))
+        due = _next_due(derived, policy, thresholds, now)
         timer_key = f"restage:{key[0]}:{key[1]}"
-        due = next_change_at(facts, now, DEFAULT_POLICY)
         if due is None:
             no_timer.append(timer_key)
         else:
             timers.append(Timer(timer_key, RESTAGE_TIMER, key[0], due, {"customer_id": key[1]}))
-    if customer_updates:
-        c = customers.c
+
+    await conn.execute(
+        update(customers)
+        .where(c.shop_id == bindparam("s"), c.customer_id == bindparam("c"))
+        .values({name: bindparam(name) for name in updates[0] if name not in ("s", "c")}),
+        updates,
+    )
+    if history:
+        await conn.execute(stage_history.insert(), history)
+    if tags_added:
+        await conn.execute(insert_ignore(conn, customer_tags), tags_added)
+    if tags_removed:
         await conn.execute(
-            update(customers)
-            .where(c.shop_id == bindparam("s"), c.customer_id == bindparam("c"))
-            .values({name: bindparam(name) for name in customer_updates[0] if name not in "sc"}),
-            customer_updates,
+            delete(customer_tags).where(
+                tuple_(ct.shop_id, ct.customer_id, ct.tag).in_(tags_removed)
+            )
         )
     await schedule(conn, timers)
     await cancel(conn, no_timer)
     await enqueue(conn, outgoing)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Everything lifecycle derives for one customer from its orders and the policy."""
+
+    frequency: int
+    monetary: int
+    item_count: int
+    first_order_at: datetime | None
+    last_order_at: datetime | None
+    currency: str | None
+    province: str | None
+    city: str | None
+    stage: str
+    level: str | None
+    facts: Facts
+
+    @property
+    def aov(self) -> int:
+        return self.monetary // self.frequency if self.frequency else 0
+
+    def columns(self, before: Any, now: datetime) -> dict[str, Any]:
+        return {
+            "frequency": self.frequency,
+            "monetary_minor": self.monetary,
+            "item_count": self.item_count,
+            "aov_minor": self.aov,
+            "first_order_at": self.first_order_at,
+            "last_order_at": self.last_order_at,
+            "currency": self.currency,
+            "province": self.province,
+            "city": self.city,
+            "stage": self.stage,
+            "is_returning": self.frequency > 1,
+            "member_level": self.level,
+            "stage_changed_at": now if self.stage != before.stage else before.stage_changed_at,
+        }
+
+    def rule_facts(self, before: Any, manual_tags: frozenset[str]) -> CustomerFacts:
+        return CustomerFacts(
+            frequency=self.frequency,
+            monetary_minor=self.monetary,
+            aov_minor=self.aov,
+            item_count=self.item_count,
+            last_order_at=self.last_order_at,
+            stage=self.stage,
+            member_level=self.level,
+            city=self.city,
+            province=self.province,
+            source=before.source,
+            returning=self.frequency > 1,
+            tags=manual_tags,
+        )
+
+
+def derive(before: Any, order_rows: list[Any], policy: StagePolicy, now: datetime) -> Derived:
+    """A customer's figures, recomputed from scratch from its orders (pure)."""
+    purchases = [r for r in order_rows if is_purchase(r)]
+    placed = [purchased_at(r) for r in purchases]
+    frequency = len(purchases)
+    monetary = sum(max(0, (r.total_minor or 0) - r.refunded_minor) for r in purchases)
+    latest = max(order_rows, key=lambda r: r.created_at or r.data_time, default=None)
+    facts = Facts(frequency, max(placed) if placed else None, before.last_interest_at)
+    return Derived(
+        frequency=frequency,
+        monetary=monetary,
+        item_count=sum(r.item_count for r in purchases),
+        first_order_at=min(placed) if placed else None,
+        last_order_at=facts.last_order_at,
+        currency=next((r.currency for r in purchases if r.currency), before.currency),
+        province=latest.shipping_province if latest else before.province,
+        city=latest.shipping_city if latest else before.city,
+        stage=stage_of(facts, now, policy),
+        level=member_level(monetary, frequency, policy),
+        facts=facts,
+    )
+
+
+def _next_due(
+    derived: Derived, policy: StagePolicy, thresholds: set[int], now: datetime
+) -> datetime | None:
+    candidates = [next_change_at(derived.facts, now, policy)]
+    if derived.last_order_at is not None:
+        candidates += [derived.last_order_at + timedelta(days=days) for days in thresholds]
+    future = [at for at in candidates if at is not None and at > now]
+    return min(future) if future else None
 
 
 def _change_event(
@@ -372,16 +715,17 @@ def _change_event(
     key: CustomerKey,
     now: datetime,
     namespace: str,
-    data: StageChangedData | LevelChangedData,
+    data: StageChangedData | LevelChangedData | TagChangedData | CustomerMergedData,
+    *,
+    discriminator: str,
 ) -> Message:
-    current = getattr(data, "current", None)
     event = new_event(
         type=type_,
         shop_id=key[0],
         source=SOURCE,
         data=data,
         subject=key[1],
-        id=f"{type_}:{key[0]}:{key[1]}:{current}:{now.isoformat()}",
+        id=f"{type_}:{key[0]}:{key[1]}:{discriminator}:{now.isoformat()}",
         time=now,
     )
     return Message(
@@ -392,13 +736,60 @@ def _change_event(
     )
 
 
+def tag_event(type_: str, key: CustomerKey, tag: str, now: datetime, namespace: str) -> Message:
+    """`customer.tag_added` / `customer.tag_removed` for one customer and tag."""
+    return _change_event(
+        type_, key, now, namespace, TagChangedData(customer_id=key[1], tag=tag), discriminator=tag
+    )
+
+
 async def on_restage_timers(
     conn: AsyncConnection, fired: list[Timer], *, namespace: str, now: datetime | None = None
 ) -> None:
-    """Time alone moved these customers' stage boundary: recompute them."""
+    """Time alone moved these customers past a boundary: re-derive them."""
     await restage(
         conn,
         [(t.shop_id, str(t.payload["customer_id"])) for t in fired],
         now=now or datetime.now(UTC),
         namespace=namespace,
     )
+
+
+RESTAGE_SHOP_TIMER = "lifecycle.restage_shop"
+
+
+def restage_shop_timer(shop_id: str, after: str = "", now: datetime | None = None) -> Timer:
+    """A job that re-derives every customer of a shop, a chunk per firing (after a policy
+    or automatic-tag change), resuming after customer id `after`."""
+    return Timer(
+        f"restage-shop:{shop_id}",
+        RESTAGE_SHOP_TIMER,
+        shop_id,
+        now or datetime.now(UTC),
+        {"after": after},
+    )
+
+
+async def on_restage_shop_timers(
+    conn: AsyncConnection, fired: list[Timer], *, namespace: str, now: datetime | None = None
+) -> None:
+    now = now or datetime.now(UTC)
+    c = customers.c
+    for job in fired:
+        ids = list(
+            (
+                await conn.execute(
+                    select(c.customer_id)
+                    .where(
+                        c.shop_id == job.shop_id,
+                        c.customer_id > str(job.payload["after"]),
+                        c.merged_into.is_(None),
+                    )
+                    .order_by(c.customer_id)
+                    .limit(CHUNK)
+                )
+            ).scalars()
+        )
+        await restage(conn, [(job.shop_id, cid) for cid in ids], now=now, namespace=namespace)
+        if len(ids) == CHUNK:
+            await schedule(conn, [restage_shop_timer(job.shop_id, ids[-1], now)])

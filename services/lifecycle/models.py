@@ -11,8 +11,10 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
+from libs.common.db.tables import BigId
 from libs.common.db.types import UtcDateTime
 
 metadata = MetaData()
@@ -36,9 +38,19 @@ customers = Table(
     Column("stage_changed_at", UtcDateTime()),
     Column("is_returning", Boolean, nullable=False, server_default="0"),
     Column("member_level", String(16)),
+    Column("item_count", Integer, nullable=False, server_default="0"),
+    Column("aov_minor", BigInteger, nullable=False, server_default="0"),
+    Column("province", String(100)),
+    Column("city", String(100)),
+    Column("source", String(64)),
+    Column("merged_into", String(200)),
     Index("ix_customers_shop_stage", "shop_id", "stage"),
     Index("ix_customers_shop_last_order", "shop_id", "last_order_at"),
+    Index("ix_customers_shop_city", "shop_id", "city"),
+    Index("ix_customers_shop_level", "shop_id", "member_level"),
 )
+"""One row per customer; `merged_into` marks a profile folded into another (kept so its
+identities resolve), and merged rows are left out of every list and figure."""
 
 orders = Table(
     "orders",
@@ -64,3 +76,86 @@ orders = Table(
 )
 """One row per order whatever the order its events arrive in: per-status times keep the
 earliest time seen, descriptive fields come from the newest event, refunds add up."""
+
+customer_identities = Table(
+    "customer_identities",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("kind", String(8), primary_key=True),
+    Column("value", String(320), primary_key=True),
+    Column("customer_id", String(200), nullable=False),
+)
+"""Which customer a platform id, phone or email belongs to (kind: id, phone, email)."""
+
+order_tracking = Table(
+    "order_tracking",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("order_id", String(200), primary_key=True),
+    Column("tracking_number", String(100), primary_key=True),
+    Column("carrier", String(64)),
+    Column("status", String(32)),
+    Column("updated_at", UtcDateTime()),
+)
+
+stage_history = Table(
+    "stage_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("shop_id", String(64), nullable=False),
+    Column("customer_id", String(200), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("previous", String(32)),
+    Column("current", String(32), nullable=False),
+    Index("ix_stage_history_customer", "shop_id", "customer_id"),
+)
+
+customer_notes = Table(
+    "customer_notes",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("shop_id", String(64), nullable=False),
+    Column("customer_id", String(200), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("text", Text, nullable=False),
+    Index("ix_customer_notes_customer", "shop_id", "customer_id"),
+)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("rule", Text),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+"""kind `manual` (assigned by API) or `auto` (membership follows `rule`, a JSON rule)."""
+
+customer_tags = Table(
+    "customer_tags",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("customer_id", String(200), primary_key=True),
+    Column("tag", String(64), primary_key=True),
+    Column("assigned_at", UtcDateTime(), nullable=False),
+    Index("ix_customer_tags_tag", "shop_id", "tag"),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("segment_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("filter", Text, nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+
+shop_policies = Table(
+    "shop_policies",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("policy", Text, nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)

@@ -1,12 +1,15 @@
-"""Response bodies of the lifecycle API (field names fixed by DESIGN.md's contract)."""
+"""Request and response bodies of the lifecycle API (customer fields fixed by DESIGN.md)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.events import Money
+
+TagName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\s/][^/]*$")]
 
 
 class OrderOut(BaseModel):
@@ -17,6 +20,7 @@ class OrderOut(BaseModel):
     item_count: int
     shipping_province: str | None = None
     shipping_city: str | None = None
+    tracking: list[dict[str, Any]] = []
     created_at: datetime | None
     paid_at: datetime | None = None
     shipped_at: datetime | None = None
@@ -31,6 +35,8 @@ class Rfm(BaseModel):
     recency_days: int | None
     frequency: int
     monetary: Money | None
+    average_order_value: Money | None = None
+    item_count: int = 0
 
 
 class CustomerOut(BaseModel):
@@ -44,6 +50,9 @@ class CustomerOut(BaseModel):
     member_level: str | None
     tags: list[str]
     rfm: Rfm
+    province: str | None = None
+    city: str | None = None
+    source: str | None = None
     orders: list[OrderOut] = []
 
 
@@ -52,11 +61,104 @@ class CustomerPage(BaseModel):
     next_cursor: str | None
 
 
-class Overview(BaseModel):
-    shop_id: str
+class CustomerPatch(BaseModel):
+    """Operator corrections of a profile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: Annotated[str, Field(min_length=1, max_length=4000)]
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    kind: Literal["order", "stage", "tag", "note"]
+    detail: dict[str, Any]
+
+
+class TagIn(BaseModel):
+    """A manual tag (no rule) or an automatic one (its rule decides membership)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: TagName
+    rule: dict[str, Any] | None = None
+
+
+class RuleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rule: dict[str, Any]
+
+
+class TagOut(BaseModel):
+    name: str
+    kind: Literal["manual", "auto"]
+    rule: Any = None
+    customers: int
+
+
+class Members(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_ids: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200)]],
+        Field(min_length=1, max_length=10_000),
+    ]
+
+
+class CopyTo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: TagName
+
+
+class Changed(BaseModel):
+    changed: int
+
+
+class SegmentIn(BaseModel):
+    """A saved filter over stage, tags, RFM values, level, city, province and source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    filter: dict[str, Any]
+
+
+class SegmentOut(BaseModel):
+    segment_id: str
+    name: str
+    filter: Any
+    created_at: datetime
+
+
+class Count(BaseModel):
+    count: int
+
+
+class Figures(BaseModel):
+    """The seller's headline figures as of one moment."""
+
     as_of: datetime
     interested_30d: int
     buyers_365d: int
     members: int
     new_customers_7d: int
     stages: dict[str, int]
+    returning_share: float | None
+    """Old-customer share: buyers with more than one purchase / all buyers."""
+    repurchase_rate_by_stage: dict[str, float | None]
+    aov_new: Money | None
+    aov_returning: Money | None
+
+
+class Overview(Figures):
+    shop_id: str
+    previous: Figures
+    """The same figures as of `period_days` earlier, recomputed from the orders."""

@@ -1,25 +1,28 @@
-"""The lifecycle stages and member levels, as pure functions of a customer's facts.
+"""The lifecycle stages and member levels, as pure functions of a customer's facts and the
+shop's policy.
 
-Defaults follow the sellers' playbooks (Taobao CRM, Klaviyo's RFM guides):
-- `prospect`: known (an order placed but never paid, an old cart) with no purchase and no
-  interest shown in the last 30 days.
-- `interested`: carted, favourited or placed an unpaid order in the last 30 days, never
-  bought.
-- `new`: first purchase, still inside the after-sale care window (15 days: the time a
-  parcel arrives and a return or review happens).
-- `after_sale`: a repeat purchase inside the care window.
-- `active`: last purchase within 90 days (about one repurchase cycle for consumables).
+Defaults follow the sellers' playbooks (Taobao CRM guides, Klaviyo's RFM guides):
+- `prospect`: known to the shop (an old cart, an unpaid order) but no purchase and no
+  interest shown within the interest window.
+- `interested`: carted, favourited or placed an unpaid order within 30 days, never bought.
+- `new`: first purchase, still inside the 15-day after-sale care window (the parcel
+  arrives, returns and reviews happen).
+- `after_sale`: a repeat purchase inside that window.
+- `active`: last purchase within 90 days, about one repurchase cycle for consumables.
 - `silent`: 90–180 days without a purchase: still reachable, worth a reminder.
 - `sleeping`: 180–365 days: needs a win-back offer.
-- `churned`: more than a year.
-Member levels by cumulative spend net of refunds: VIP1 from 1,000, VIP2 from 5,000,
-VIP3 from 20,000 in the shop's currency.
+- `churned`: more than a year: most platforms' own "lost customer" line.
+Member levels by cumulative spend net of refunds (VIP1 from 1,000, VIP2 from 5,000, VIP3
+from 20,000 in the shop's currency), or by purchase count when the shop says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STAGES = (
     "prospect",
@@ -33,18 +36,54 @@ STAGES = (
 )
 
 
-@dataclass(frozen=True)
-class StagePolicy:
-    interested_days: int = 30
-    after_sale_days: int = 15
-    silent_after_days: int = 90
-    sleeping_after_days: int = 180
-    churned_after_days: int = 365
-    level_thresholds_minor: tuple[tuple[str, int], ...] = (
-        ("VIP1", 100_000),
-        ("VIP2", 500_000),
-        ("VIP3", 2_000_000),
+class Level(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=16)
+    threshold: int = Field(ge=0)
+    """Minimum net spend in minor units (basis `spend`) or purchases (basis `orders`)."""
+
+
+class StagePolicy(BaseModel):
+    """A shop's thresholds; `PUT /v1/policy` replaces it and re-stages the shop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interested_days: int = Field(default=30, ge=1, le=3650)
+    after_sale_days: int = Field(default=15, ge=1, le=3650)
+    silent_after_days: int = Field(default=90, ge=1, le=3650)
+    sleeping_after_days: int = Field(default=180, ge=1, le=3650)
+    churned_after_days: int = Field(default=365, ge=1, le=3650)
+    level_basis: Literal["spend", "orders"] = "spend"
+    levels: tuple[Level, ...] = (
+        Level(name="VIP1", threshold=100_000),
+        Level(name="VIP2", threshold=500_000),
+        Level(name="VIP3", threshold=2_000_000),
     )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        days = [
+            self.after_sale_days,
+            self.silent_after_days,
+            self.sleeping_after_days,
+            self.churned_after_days,
+        ]
+        if days != sorted(set(days)):
+            raise ValueError(
+                "after_sale_days < silent_after_days < sleeping_after_days < "
+                "churned_after_days must hold"
+            )
+        thresholds = [level.threshold for level in self.levels]
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("levels must have strictly increasing thresholds")
+        if len({level.name for level in self.levels}) != len(self.levels):
+            raise ValueError("level names must be unique")
+        return self
+
+    @property
+    def level_order(self) -> tuple[str, ...]:
+        return tuple(level.name for level in self.levels)
 
 
 DEFAULT_POLICY = StagePolicy()
@@ -58,9 +97,9 @@ class Facts:
 
 
 def stage_of(facts: Facts, now: datetime, policy: StagePolicy = DEFAULT_POLICY) -> str:
-    """The stage a customer is in at `now`."""
+    """The stage a customer is in at `now` (each boundary belongs to the later stage)."""
     if facts.frequency == 0 or facts.last_order_at is None:
-        if facts.last_interest_at and now - facts.last_interest_at <= timedelta(
+        if facts.last_interest_at and now - facts.last_interest_at < timedelta(
             days=policy.interested_days
         ):
             return "interested"
@@ -98,9 +137,13 @@ def next_change_at(
     return None
 
 
-def member_level(monetary_minor: int, policy: StagePolicy = DEFAULT_POLICY) -> str | None:
+def member_level(
+    monetary_minor: int, frequency: int, policy: StagePolicy = DEFAULT_POLICY
+) -> str | None:
+    """The highest level whose threshold the customer reaches (None: not a member)."""
+    value = monetary_minor if policy.level_basis == "spend" else frequency
     level = None
-    for name, threshold in policy.level_thresholds_minor:
-        if monetary_minor >= threshold:
-            level = name
+    for candidate in policy.levels:
+        if value >= candidate.threshold:
+            level = candidate.name
     return level

@@ -1,0 +1,692 @@
+"""Conditions for automatic tags and saved segments: a small typed language, never eval'd.
+
+A rule is JSON. The grammar (every object takes exactly the keys shown):
+
+    rule := {"all": [rule, ...]}                         every one holds (at least one rule)
+          | {"any": [rule, ...]}                         at least one holds (at least one rule)
+          | {"not": rule}
+          | {"field": NUM, "op": CMP, "value": int}
+          | {"field": NUM, "op": "between", "value": [lo, hi]}      lo <= x <= hi, lo <= hi
+          | {"field": TEXT, "op": "eq" | "ne", "value": str}
+          | {"field": TEXT, "op": "in" | "not_in", "value": [str, ...]}   (at least one)
+          | {"field": TEXT | "recency_days", "op": "is_null" | "not_null"}
+          | {"field": "returning", "op": "eq", "value": true | false}
+          | {"has_tag": str}
+          | {"member_level_at_least": str}
+    NUM   := frequency | monetary_minor | aov_minor | item_count | recency_days
+    CMP   := eq | ne | gt | gte | lt | lte
+    TEXT  := stage | member_level | city | province | source
+
+Numbers are JSON integers (the fields are counts and minor units; 3.0, "3" and booleans
+are refused) within the signed 64-bit range. Text matches exactly (case-sensitive); `stage`
+values must be one of `stages.STAGES`. A rule nests at most `MAX_DEPTH` (8) deep, counting
+the leaf, and has at most `MAX_NODES` (100) parts (combinators and leaves alike). Anything
+else is a pydantic `ValidationError` whose `loc` is the path of the failing part inside the
+JSON, e.g. `("all", 1, "not", "value")`.
+
+Null semantics, identical in Python and SQL: every comparison on a missing value is false,
+`ne` and `not_in` included (a customer with no city is neither `city eq "X"` nor
+`city ne "X"`); `member_level_at_least` is false without a level, and false for everyone if
+the named level is not in the level order. Only `is_null`/`not_null` look at missingness.
+Each leaf is two-valued, so `not` is plain negation: `not` of a false comparison is true.
+
+Recency: `recency_days` is the number of whole days (24 hours of elapsed time, zone-free)
+since the last purchase, floor((now - last_order_at) / 1 day): 0 during the first 24 hours,
+1 from exactly 24 hours on; negative if the last order lies after `now`. A customer who never
+bought has none (null), so every recency comparison is false for them. In SQL it compiles
+to exact comparisons of `last_order_at` with `now - N days`:
+    recency >= N  <=>  last_order_at <= now - N days
+    recency <= N  <=>  last_order_at >  now - (N + 1) days
+which agree to the microsecond on PostgreSQL (timestamptz) and SQLite (naive UTC text in one
+fixed format, compared as text). `recency_thresholds` lists the N at which a rule's truth can
+change with time alone: the instants `last_order_at + N days`. (The `stage` field also moves
+with time, through the stage timers; rules over it are re-evaluated when the stage changes.)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, Self, TypeAlias, assert_never, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    and_,
+    exists,
+    false,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+
+from services.lifecycle.models import customer_tags, customers
+from services.lifecycle.stages import STAGES
+
+MAX_DEPTH = 8
+MAX_NODES = 100
+DEFAULT_LEVEL_ORDER: tuple[str, ...] = ("VIP1", "VIP2", "VIP3")
+
+NumericField = Literal["frequency", "monetary_minor", "aov_minor", "item_count", "recency_days"]
+TextField = Literal["stage", "member_level", "city", "province", "source"]
+NullableField = Literal["stage", "member_level", "city", "province", "source", "recency_days"]
+CompareOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+
+NUMERIC_FIELDS: frozenset[str] = frozenset(get_args(NumericField))
+TEXT_FIELDS: frozenset[str] = frozenset(get_args(TextField))
+ALL_FIELDS: tuple[str, ...] = (*get_args(NumericField), *get_args(TextField), "returning")
+_COMPARE_OPS: frozenset[str] = frozenset(get_args(CompareOp))
+_NULL_OPS = frozenset({"is_null", "not_null"})
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+# Custom error types and their message templates (kept here so `parse_rule` can re-raise
+# them with the tags of the tagged union taken out of `loc`).
+_ERRORS: dict[str, str] = {
+    "rule_shape": (
+        "a rule is an object with one of the keys all, any, not, field, has_tag, "
+        "member_level_at_least"
+    ),
+    "rule_field": "unknown field '{field}'; fields are {fields}",
+    "rule_op": "op '{op}' does not apply to this field; ops are {ops}",
+    "rule_stage": "unknown stage '{stage}'; stages are {stages}",
+    "rule_bounds": "between needs lo <= hi",
+    "rule_text": "text must be UTF-8 without NUL characters",
+    "rule_too_deep": "rules nest at most {max_depth} deep",
+    "rule_too_large": "a rule has at most {max_nodes} parts",
+}
+
+
+def _error(kind: str, **ctx: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, _ERRORS[kind], ctx or None)
+
+
+def _storable(text: str) -> str:
+    """Text both databases can bind: valid UTF-8 (no lone surrogates), no NUL."""
+    if "\x00" in text:
+        raise _error("rule_text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _error("rule_text") from None
+    return text
+
+
+def _known_field(value: Any) -> Any:
+    if not isinstance(value, str) or value not in ALL_FIELDS:
+        raise _error("rule_field", field=value, fields=", ".join(ALL_FIELDS))
+    return value
+
+
+def _numeric_op(value: Any) -> Any:
+    if not isinstance(value, str) or value not in _COMPARE_OPS:
+        ops = "eq, ne, gt, gte, lt, lte, between (and is_null, not_null for recency_days)"
+        raise _error("rule_op", op=value, ops=ops)
+    return value
+
+
+def _text_op(value: Any) -> Any:
+    if value not in ("eq", "ne"):
+        raise _error("rule_op", op=value, ops="eq, ne, in, not_in, is_null, not_null")
+    return value
+
+
+def _check_stages(field: object, values: Iterable[str]) -> None:
+    if field == "stage":
+        for value in values:
+            if value not in STAGES:
+                raise _error("rule_stage", stage=value, stages=", ".join(STAGES))
+
+
+Int64 = Annotated[int, Strict(), Field(ge=_INT64_MIN, le=_INT64_MAX)]
+Text = Annotated[str, Strict(), Field(max_length=200), AfterValidator(_storable)]
+Name = Annotated[str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_storable)]
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+
+class _Combinator(_Node):
+    @model_validator(mode="after")
+    def _within_limits(self) -> Self:
+        # Rules parsed from JSON are checked top-down on the way in (`_limits`); this catches
+        # trees assembled in Python from parts that were each within the limits.
+        depth, nodes = _measure(self)
+        if depth > MAX_DEPTH:
+            raise _error("rule_too_deep", max_depth=MAX_DEPTH)
+        if nodes > MAX_NODES:
+            raise _error("rule_too_large", max_nodes=MAX_NODES)
+        return self
+
+
+class AllOf(_Combinator):
+    all: Annotated[list[Rule], Field(min_length=1)]
+
+
+class AnyOf(_Combinator):
+    any: Annotated[list[Rule], Field(min_length=1)]
+
+
+class Not(_Combinator):
+    not_: Rule = Field(alias="not")
+
+
+class NumericCompare(_Node):
+    field: Annotated[NumericField, BeforeValidator(_known_field)]
+    op: Annotated[CompareOp, BeforeValidator(_numeric_op)]
+    value: Int64
+
+
+class NumericBetween(_Node):
+    field: NumericField
+    op: Literal["between"]
+    value: tuple[Int64, Int64]
+
+    @field_validator("value")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] > value[1]:
+            raise _error("rule_bounds")
+        return value
+
+
+class TextCompare(_Node):
+    field: TextField
+    op: Annotated[Literal["eq", "ne"], BeforeValidator(_text_op)]
+    value: Text
+
+    @field_validator("value")
+    @classmethod
+    def _stage(cls, value: str, info: ValidationInfo) -> str:
+        _check_stages(info.data.get("field"), [value])
+        return value
+
+
+class TextIn(_Node):
+    field: TextField
+    op: Literal["in", "not_in"]
+    value: Annotated[list[Text], Field(min_length=1, max_length=1000)]
+
+    @field_validator("value")
+    @classmethod
+    def _stage(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        _check_stages(info.data.get("field"), value)
+        return value
+
+
+class NullCheck(_Node):
+    field: NullableField
+    op: Literal["is_null", "not_null"]
+
+
+class ReturningIs(_Node):
+    field: Literal["returning"]
+    op: Literal["eq"]
+    value: Annotated[bool, Strict()]
+
+
+class HasTag(_Node):
+    has_tag: Name
+
+
+class MemberLevelAtLeast(_Node):
+    member_level_at_least: Name
+
+
+def _rule_kind(value: Any) -> str | None:
+    """Which model a rule's JSON is meant as (the tag of the tagged union)."""
+    if isinstance(value, _Node):
+        return type(value).__name__
+    if not isinstance(value, dict):
+        return None
+    for key, kind in (
+        ("all", "AllOf"),
+        ("any", "AnyOf"),
+        ("not", "Not"),
+        ("has_tag", "HasTag"),
+        ("member_level_at_least", "MemberLevelAtLeast"),
+    ):
+        if key in value:
+            return kind
+    if "field" not in value:
+        return None
+    field, op = value["field"], value.get("op")
+    if field == "returning":
+        return "ReturningIs"
+    if field in TEXT_FIELDS:
+        if op in ("in", "not_in"):
+            return "TextIn"
+        return "NullCheck" if op in _NULL_OPS else "TextCompare"
+    if field == "recency_days" and op in _NULL_OPS:
+        return "NullCheck"
+    if op == "between" and field in NUMERIC_FIELDS:
+        return "NumericBetween"
+    return "NumericCompare"  # also reports unknown fields
+
+
+@dataclass
+class _Budget:
+    depth: int = 0
+    nodes: int = 0
+    too_large: bool = False
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("huitou_rule_budget", default=None)
+
+
+def _limits(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Depth and size limits, checked top-down so a too deep part fails where it is (and
+    validation never descends further)."""
+    budget = _BUDGET.get()
+    token = None
+    if budget is None:
+        budget = _Budget()
+        token = _BUDGET.set(budget)
+    try:
+        if budget.too_large:
+            # Reported once, at the first part over the limit; the validation has failed,
+            # so the parts after it are left unvalidated (and unreported).
+            return value
+        depth, nodes = _measure(value) if isinstance(value, _Node) else (1, 1)
+        if budget.depth + depth > MAX_DEPTH:
+            raise _error("rule_too_deep", max_depth=MAX_DEPTH)
+        budget.nodes += nodes
+        if budget.nodes > MAX_NODES:
+            budget.too_large = True
+            raise _error("rule_too_large", max_nodes=MAX_NODES)
+        budget.depth += 1
+        try:
+            return handler(value)
+        finally:
+            budget.depth -= 1
+    finally:
+        if token is not None:
+            _BUDGET.reset(token)
+
+
+Rule: TypeAlias = Annotated[
+    Annotated[AllOf, Tag("AllOf")]
+    | Annotated[AnyOf, Tag("AnyOf")]
+    | Annotated[Not, Tag("Not")]
+    | Annotated[NumericCompare, Tag("NumericCompare")]
+    | Annotated[NumericBetween, Tag("NumericBetween")]
+    | Annotated[TextCompare, Tag("TextCompare")]
+    | Annotated[TextIn, Tag("TextIn")]
+    | Annotated[NullCheck, Tag("NullCheck")]
+    | Annotated[ReturningIs, Tag("ReturningIs")]
+    | Annotated[HasTag, Tag("HasTag")]
+    | Annotated[MemberLevelAtLeast, Tag("MemberLevelAtLeast")],
+    Discriminator(
+        _rule_kind, custom_error_type="rule_shape", custom_error_message=_ERRORS["rule_shape"]
+    ),
+    WrapValidator(_limits),
+]
+"""A validated rule; use it as a field type in API schemas, or `parse_rule` for JSON."""
+
+for _model in (AllOf, AnyOf, Not):
+    _model.model_rebuild()
+
+_TAGS = frozenset(
+    {
+        "AllOf",
+        "AnyOf",
+        "Not",
+        "NumericCompare",
+        "NumericBetween",
+        "TextCompare",
+        "TextIn",
+        "NullCheck",
+        "ReturningIs",
+        "HasTag",
+        "MemberLevelAtLeast",
+    }
+)
+_ADAPTER: TypeAdapter[Rule] = TypeAdapter(Rule)
+
+
+def _children(rule: _Node) -> list[Rule]:
+    if isinstance(rule, AllOf):
+        return rule.all
+    if isinstance(rule, AnyOf):
+        return rule.any
+    if isinstance(rule, Not):
+        return [rule.not_]
+    return []
+
+
+def _measure(rule: _Node) -> tuple[int, int]:
+    """(depth, number of nodes) of a rule tree."""
+    depth, nodes = 0, 1
+    for child in _children(rule):
+        d, n = _measure(child)
+        depth, nodes = max(depth, d), nodes + n
+    return depth + 1, nodes
+
+
+def _json_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """`loc` without the union tags, i.e. the path inside the rule's JSON."""
+    out: list[int | str] = []
+    state = "rule"
+    for part in loc:
+        if state == "rule" and part in _TAGS:
+            state = "model"
+            continue
+        out.append(part)
+        if state == "model":
+            state = "items" if part in ("all", "any") else "rule" if part == "not" else "other"
+        elif state == "items":
+            state = "rule" if isinstance(part, int) else "other"
+        else:
+            state = "other"
+    return tuple(out)
+
+
+def parse_rule(obj: object) -> Rule:
+    """A rule from its JSON value (already decoded); `ValidationError` if it is not one."""
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        errors: list[InitErrorDetails] = []
+        for err in exc.errors():
+            ctx = err.get("ctx")
+            kind: str | PydanticCustomError = err["type"]
+            if kind in _ERRORS:
+                kind = PydanticCustomError(err["type"], _ERRORS[err["type"]], ctx)
+            detail = InitErrorDetails(type=kind, loc=_json_loc(err["loc"]), input=err["input"])
+            if ctx is not None and not isinstance(kind, PydanticCustomError):
+                detail["ctx"] = ctx
+            errors.append(detail)
+        raise ValidationError.from_exception_data("Rule", errors) from None
+
+
+def dump_rule(rule: Rule) -> dict[str, Any]:
+    """The rule's JSON value (what `parse_rule` reads back)."""
+    dumped = _ADAPTER.dump_python(rule, mode="json", by_alias=True)
+    assert isinstance(dumped, dict)
+    return dumped
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomerFacts:
+    """What rules look at, for one customer."""
+
+    frequency: int
+    monetary_minor: int
+    aov_minor: int
+    item_count: int
+    last_order_at: datetime | None
+    stage: str
+    member_level: str | None
+    city: str | None
+    province: str | None
+    source: str | None
+    returning: bool
+    tags: frozenset[str] = frozenset()
+
+
+def facts_from_row(row: Mapping[Any, Any], tags: Iterable[str] = ()) -> CustomerFacts:
+    """Facts from a `customers` row (a mapping of its columns) and the customer's tags."""
+    return CustomerFacts(
+        frequency=row["frequency"],
+        monetary_minor=row["monetary_minor"],
+        aov_minor=row["aov_minor"],
+        item_count=row["item_count"],
+        last_order_at=row["last_order_at"],
+        stage=row["stage"],
+        member_level=row["member_level"],
+        city=row["city"],
+        province=row["province"],
+        source=row["source"],
+        returning=bool(row["is_returning"]),
+        tags=frozenset(tags),
+    )
+
+
+_CMP: dict[str, Callable[[Any, Any], Any]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+}
+
+
+def _aware(now: datetime) -> datetime:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("naive datetime given; rules take aware times only")
+    return now
+
+
+def _numeric_fact(field: str, facts: CustomerFacts, now: datetime) -> int | None:
+    if field == "recency_days":
+        if facts.last_order_at is None:
+            return None
+        return (now - facts.last_order_at).days  # timedelta.days is the floor
+    value = getattr(facts, field)
+    assert isinstance(value, int)
+    return value
+
+
+def evaluate(
+    rule: Rule,
+    facts: CustomerFacts,
+    now: datetime,
+    level_order: tuple[str, ...] = DEFAULT_LEVEL_ORDER,
+) -> bool:
+    """Whether `facts` satisfy `rule` at `now`."""
+    now = _aware(now)
+
+    def ev(r: Rule) -> bool:
+        if isinstance(r, AllOf):
+            return all(ev(c) for c in r.all)
+        if isinstance(r, AnyOf):
+            return any(ev(c) for c in r.any)
+        if isinstance(r, Not):
+            return not ev(r.not_)
+        if isinstance(r, NumericCompare):
+            x = _numeric_fact(r.field, facts, now)
+            return x is not None and bool(_CMP[r.op](x, r.value))
+        if isinstance(r, NumericBetween):
+            x = _numeric_fact(r.field, facts, now)
+            return x is not None and r.value[0] <= x <= r.value[1]
+        if isinstance(r, TextCompare):
+            s: str | None = getattr(facts, r.field)
+            return s is not None and (s == r.value if r.op == "eq" else s != r.value)
+        if isinstance(r, TextIn):
+            s = getattr(facts, r.field)
+            return s is not None and ((s in r.value) == (r.op == "in"))
+        if isinstance(r, NullCheck):
+            missing = (
+                facts.last_order_at is None
+                if r.field == "recency_days"
+                else getattr(facts, r.field) is None
+            )
+            return missing == (r.op == "is_null")
+        if isinstance(r, ReturningIs):
+            return facts.returning == r.value
+        if isinstance(r, HasTag):
+            return r.has_tag in facts.tags
+        if isinstance(r, MemberLevelAtLeast):
+            levels = _levels_at_least(r.member_level_at_least, level_order)
+            return facts.member_level is not None and facts.member_level in levels
+        assert_never(r)
+
+    return ev(rule)
+
+
+def _levels_at_least(level: str, level_order: tuple[str, ...]) -> tuple[str, ...]:
+    """The levels from `level` up; none if `level` is not in the order."""
+    if level not in level_order:
+        return ()
+    return level_order[level_order.index(level) :]
+
+
+# --- SQL --------------------------------------------------------------------------------
+
+_NUMERIC_COLUMNS = {
+    "frequency": customers.c.frequency,
+    "monetary_minor": customers.c.monetary_minor,
+    "aov_minor": customers.c.aov_minor,
+    "item_count": customers.c.item_count,
+}
+_TEXT_COLUMNS = {
+    "stage": customers.c.stage,
+    "member_level": customers.c.member_level,
+    "city": customers.c.city,
+    "province": customers.c.province,
+    "source": customers.c.source,
+}
+
+
+def _interval(op: str, value: int | tuple[int, int]) -> list[tuple[int | None, int | None]]:
+    """The integers `x op value` holds for, as a union of [lo, hi] (None: unbounded)."""
+    if isinstance(value, tuple):
+        return [value]
+    n = value
+    intervals: dict[str, list[tuple[int | None, int | None]]] = {
+        "eq": [(n, n)],
+        "ne": [(None, n - 1), (n + 1, None)],
+        "gt": [(n + 1, None)],
+        "gte": [(n, None)],
+        "lt": [(None, n - 1)],
+        "lte": [(None, n)],
+    }
+    return intervals[op]
+
+
+def _recency_sql(op: str, value: int | tuple[int, int], now: datetime) -> ColumnElement[bool]:
+    last = customers.c.last_order_at
+
+    def at_least(n: int) -> ColumnElement[bool]:  # recency >= n
+        try:
+            return last <= now - timedelta(days=n)
+        except OverflowError:  # the cutoff lies before (n > 0) or after all times
+            return false() if n > 0 else true()
+
+    def at_most(n: int) -> ColumnElement[bool]:  # recency <= n
+        try:
+            return last > now - timedelta(days=n + 1)
+        except OverflowError:
+            return true() if n + 1 > 0 else false()
+
+    parts = []
+    for lo, hi in _interval(op, value):
+        bounds = []
+        if lo is not None:
+            bounds.append(at_least(lo))
+        if hi is not None:
+            bounds.append(at_most(hi))
+        parts.append(and_(*bounds))
+    return and_(last.is_not(None), or_(*parts))
+
+
+def to_sql(
+    rule: Rule, now: datetime, level_order: tuple[str, ...] = DEFAULT_LEVEL_ORDER
+) -> ColumnElement[bool]:
+    """The rule as a condition on `customers` rows (has_tag: EXISTS on `customer_tags`)."""
+    now = _aware(now).astimezone(UTC)
+
+    def sql(r: Rule) -> ColumnElement[bool]:
+        if isinstance(r, AllOf):
+            return and_(*(sql(c) for c in r.all))
+        if isinstance(r, AnyOf):
+            return or_(*(sql(c) for c in r.any))
+        if isinstance(r, Not):
+            return not_(sql(r.not_))
+        if isinstance(r, NumericCompare | NumericBetween):
+            if r.field == "recency_days":
+                return _recency_sql(r.op, r.value, now)
+            column = _NUMERIC_COLUMNS[r.field]
+            if isinstance(r, NumericBetween):
+                lo, hi = r.value
+                return and_(
+                    column >= literal(lo, BigInteger()), column <= literal(hi, BigInteger())
+                )
+            return _CMP[r.op](column, literal(r.value, BigInteger()))  # type: ignore[no-any-return]
+        if isinstance(r, TextCompare):
+            column = _TEXT_COLUMNS[r.field]
+            match = column == r.value if r.op == "eq" else column != r.value
+            return and_(column.is_not(None), match)
+        if isinstance(r, TextIn):
+            column = _TEXT_COLUMNS[r.field]
+            match = column.in_(r.value) if r.op == "in" else column.not_in(r.value)
+            return and_(column.is_not(None), match)
+        if isinstance(r, NullCheck):
+            column = (
+                customers.c.last_order_at if r.field == "recency_days" else _TEXT_COLUMNS[r.field]
+            )
+            return column.is_(None) if r.op == "is_null" else column.is_not(None)
+        if isinstance(r, ReturningIs):
+            return customers.c.is_returning.is_(true() if r.value else false())
+        if isinstance(r, HasTag):
+            return exists(
+                select(literal(1)).where(
+                    customer_tags.c.shop_id == customers.c.shop_id,
+                    customer_tags.c.customer_id == customers.c.customer_id,
+                    customer_tags.c.tag == r.has_tag,
+                )
+            )
+        if isinstance(r, MemberLevelAtLeast):
+            levels = _levels_at_least(r.member_level_at_least, level_order)
+            if not levels:
+                return false()
+            level = customers.c.member_level
+            return and_(level.is_not(None), level.in_(levels))
+        assert_never(r)
+
+    return sql(rule)
+
+
+# --- time ---------------------------------------------------------------------------------
+
+
+def recency_thresholds(rule: Rule) -> set[int]:
+    """The day counts N at which the rule's truth can change with time alone, i.e. at
+    `last_order_at + N days` (a superset: a flip may be masked by the rest of the rule)."""
+    found: set[int] = set()
+    stack: list[Rule] = [rule]
+    while stack:
+        r = stack.pop()
+        stack.extend(_children(r))
+        if isinstance(r, NumericCompare | NumericBetween) and r.field == "recency_days":
+            for lo, hi in _interval(r.op, r.value):
+                if lo is not None:
+                    found.add(lo)  # recency reaches lo
+                if hi is not None:
+                    found.add(hi + 1)  # recency passes hi
+    return found
