@@ -491,7 +491,10 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             previous = await queries.figures_as_of(
                 conn, shop, at - timedelta(days=period_days), policy
             )
-        return Overview(shop_id=shop, previous=previous, **current.model_dump())
+            cycle = await queries.repurchase_cycle(conn, shop)
+        return Overview(
+            shop_id=shop, previous=previous, repurchase_cycle_days=cycle, **current.model_dump()
+        )
 
     async def _require_customer(conn: Any, shop: str, customer_id: str) -> None:
         found = (

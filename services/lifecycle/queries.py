@@ -333,6 +333,43 @@ async def timeline(conn: AsyncConnection, shop_id: str, customer_id: str) -> lis
     return sorted(entries, key=lambda e: e.at, reverse=True)
 
 
+async def repurchase_cycle(conn: AsyncConnection, shop_id: str) -> dict[str, float | int | None]:
+    """The shop's repurchase cycle: percentiles of the days between a customer's
+    consecutive purchases (nearest-rank), over every customer of the shop."""
+    o = orders.c
+    purchased = or_(
+        o.paid_at.is_not(None),
+        o.shipped_at.is_not(None),
+        o.completed_at.is_not(None),
+        o.refunded_at.is_not(None),
+    )
+    gaps: list[float] = []
+    previous: tuple[str, datetime] | None = None
+    result = await conn.stream(
+        select(o.customer_id, o.created_at)
+        .where(o.shop_id == shop_id, purchased, o.created_at.is_not(None))
+        .order_by(o.customer_id, o.created_at)
+    )
+    async for customer_id, created_at in result:
+        if previous is not None and previous[0] == customer_id:
+            gaps.append((created_at - previous[1]).total_seconds() / 86400)
+        previous = (customer_id, created_at)
+    gaps.sort()
+
+    def rank(q: float) -> float | None:
+        if not gaps:
+            return None
+        return round(gaps[max(0, min(len(gaps) - 1, int(q * len(gaps) + 0.999999) - 1))], 2)
+
+    return {
+        "repeat_purchases": len(gaps),
+        "p25": rank(0.25),
+        "p50": rank(0.5),
+        "p75": rank(0.75),
+        "p90": rank(0.9),
+    }
+
+
 async def figures_now(conn: AsyncConnection, shop_id: str, now: datetime) -> Figures:
     """Headline figures from the live profiles."""
     rows = (

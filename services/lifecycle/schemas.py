@@ -160,5 +160,8 @@ class Figures(BaseModel):
 
 class Overview(Figures):
     shop_id: str
+    repurchase_cycle_days: dict[str, float | int | None]
+    """Percentiles (p25, p50, p75, p90) of days between a customer's consecutive
+    purchases, and how many such repeat purchases they are computed from."""
     previous: Figures
     """The same figures as of `period_days` earlier, recomputed from the orders."""

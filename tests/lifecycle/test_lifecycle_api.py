@@ -305,6 +305,9 @@ async def test_notes_source_correction_and_list_filters(platform: Platform) -> N
     assert overview["aov_returning"] == {"amount_minor": 1500, "currency": "CNY"}
     assert overview["aov_new"] == {"amount_minor": 90_000, "currency": "CNY"}
     assert overview["previous"]["stages"]["new"] == 0, "30 days ago nobody had bought"
+    cycle = overview["repurchase_cycle_days"]
+    assert cycle["repeat_purchases"] == 1
+    assert 0.99 < cycle["p50"] < 1.01, "Bob bought again a day after his first order"
 
 
 async def test_time_alone_moves_a_customer_to_sleeping(platform: Platform) -> None:
