@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore
@@ -26,3 +27,15 @@ async def claim_new(conn: AsyncConnection, consumer: str, event_ids: Iterable[st
         [{"consumer": consumer, "event_id": i, "processed_at": now} for i in ids],
     )
     return set(result.scalars())
+
+
+def pruner(retention: timedelta) -> Callable[[AsyncConnection, datetime], Awaitable[None]]:
+    """A job forgetting ids processed longer ago than `retention`: far beyond how late a
+    bus can redeliver (uncommitted positions are minutes old, Kafka keeps a week)."""
+
+    async def prune(conn: AsyncConnection, now: datetime) -> None:
+        await conn.execute(
+            delete(processed_events).where(processed_events.c.processed_at < now - retention)
+        )
+
+    return prune

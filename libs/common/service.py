@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import ModuleType
 
 from fastapi import APIRouter
@@ -22,11 +23,11 @@ from libs.common.bus import BatchHandler, Bus, Consumer, Received, create_bus
 from libs.common.db import Database
 from libs.common.db.migrations import migrate
 from libs.common.events import Envelope, decode_event, topic_name
-from libs.common.inbox import claim_new
+from libs.common.inbox import claim_new, pruner
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import Settings
 from libs.common.shops import apply_shop_events
-from libs.common.timers import TimerHandler, TimerWorker
+from libs.common.timers import Recurring, TimerHandler, TimerWorker
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ class ServiceParts:
     router: APIRouter
     subscriptions: list[Subscription] = field(default_factory=list)
     timer_handlers: dict[str, TimerHandler] = field(default_factory=dict)
-    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    """Run once after migrations, before consumers start (e.g. schedule a recurring timer)."""
+    recurring: list[Recurring] = field(default_factory=list)
+    """Jobs run every so often on the service's timer workers."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,12 @@ class Runtime:
                 outbox=OutboxRelay(db, self.bus, spec.name, settings.outbox_batch_size),
             )
             parts = spec.build(ctx)
+            prune = Recurring(
+                "inbox.prune",
+                timedelta(hours=1),
+                pruner(timedelta(days=settings.inbox_retention_days)),
+            )
+            parts.recurring.append(prune)
             if spec.projects_shops:
                 parts.subscriptions.append(
                     Subscription(
@@ -160,18 +167,23 @@ class Runtime:
             [topic_name(t, self.settings.topic_namespace) for t in LOGICAL_TOPICS]
         )
         for running in self.services:
-            for hook in running.parts.on_start:
-                await hook()
+            async with running.ctx.db.begin() as conn:
+                for job in running.parts.recurring:
+                    await job.ensure(conn)
             await running.ctx.outbox.start()
             for sub in running.parts.subscriptions:
                 consumer = self.bus.consumer(sub.group, sub.topics, sub.handler)
                 await consumer.start()
                 running.consumers.append(consumer)
-            if running.parts.timer_handlers:
+            handlers = {
+                **running.parts.timer_handlers,
+                **{job.kind: job.handler for job in running.parts.recurring},
+            }
+            if handlers:
                 running.timers = TimerWorker(
                     running.ctx.db,
                     running.ctx.name,
-                    running.parts.timer_handlers,
+                    handlers,
                     batch_size=self.settings.timer_batch_size,
                     poll_interval=self.settings.timer_poll_interval_s,
                     max_attempts=self.settings.timer_max_attempts,

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     timer_poll_interval_s: float = Field(default=0.5, gt=0)
     timer_max_attempts: int = Field(default=10, ge=1)
 
+    inbox_retention_days: float = Field(default=14, gt=0)
+    """How long processed event ids are kept for deduplication."""
+
     embedded_partitions: int = Field(default=8, ge=1)
     embedded_retention_hours: float = Field(default=168, gt=0)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore, upsert
@@ -43,10 +43,3 @@ async def apply_shop_events(conn: AsyncConnection, events: Sequence[Envelope]) -
                     .where(api_keys.c.key_hash == data.key_hash)
                     .values(revoked=True)
                 )
-
-
-async def shop_timezone(conn: AsyncConnection, shop_id: str) -> str | None:
-    """The shop's IANA timezone, when this service has heard of the shop."""
-    return (
-        await conn.execute(select(shops.c.timezone).where(shops.c.shop_id == shop_id))
-    ).scalar_one_or_none()

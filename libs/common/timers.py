@@ -263,3 +263,25 @@ class TimerWorker:
                 .where(timers.c.key == key)
                 .values(attempts=attempts, last_error=error, due_at=now + backoff)
             )
+
+
+@dataclass(frozen=True)
+class Recurring:
+    """A job that runs every `every` on one of the service's timer workers (whichever
+    claims it), in the claiming transaction; the timer reschedules itself."""
+
+    kind: str
+    every: timedelta
+    job: Callable[[AsyncConnection, datetime], Awaitable[None]]
+
+    def timer(self, now: datetime) -> Timer:
+        return Timer(self.kind, self.kind, "-", now + self.every)
+
+    async def handler(self, conn: AsyncConnection, fired: list[Timer]) -> None:
+        now = utcnow()
+        await self.job(conn, now)
+        await schedule(conn, [self.timer(now)])
+
+    async def ensure(self, conn: AsyncConnection) -> None:
+        """Schedule the first run unless one is pending (idempotent across replicas)."""
+        await schedule(conn, [self.timer(utcnow())], replace=False)

@@ -23,7 +23,7 @@ from libs.common.db.dialect import insert_ignore
 from libs.common.events import Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
-from libs.common.timers import Timer, schedule
+from libs.common.timers import Recurring
 from services.ingest import metrics
 from services.ingest.handlers import publish_events
 from services.ingest.models import ingest_ledger, shops
@@ -35,8 +35,6 @@ from services.ingest.platforms.taobao import TaobaoAdapter
 from services.ingest.platforms.woocommerce import WooCommerceAdapter
 
 RETRY_AFTER_S = "5"
-PRUNE_TIMER = "ingest.prune_ledger"
-PRUNE_EVERY = timedelta(hours=1)
 
 PLATFORMS: Mapping[str, PlatformAdapter] = {
     "shopify": ShopifyAdapter(),
@@ -109,15 +107,9 @@ async def publish_once(
     return len(fresh), len(events) - len(fresh)
 
 
-async def prune_ledger(conn: AsyncConnection, fired: list[Timer]) -> None:
-    """Recurring timer: forget events past the retry horizon, then come back in an hour."""
-    now = datetime.now(UTC)
+async def _prune_ledger(conn: AsyncConnection, now: datetime) -> None:
     await conn.execute(delete(ingest_ledger).where(ingest_ledger.c.expires_at <= now))
-    await schedule(conn, [Timer(PRUNE_TIMER, PRUNE_TIMER, "-", now + PRUNE_EVERY)])
 
 
-async def schedule_pruning(ctx: ServiceContext) -> None:
-    """Make sure the recurring prune timer exists (idempotent across replicas)."""
-    first = Timer(PRUNE_TIMER, PRUNE_TIMER, "-", datetime.now(UTC) + PRUNE_EVERY)
-    async with ctx.db.begin() as conn:
-        await schedule(conn, [first], replace=False)
+PRUNE_LEDGER = Recurring("ingest.prune_ledger", timedelta(hours=1), _prune_ledger)
+"""Forget published events past the senders' retry horizon, every hour."""

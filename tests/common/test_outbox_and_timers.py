@@ -14,10 +14,10 @@ from libs.common.bus import Bus, BusUnavailable, Message, Received, create_bus
 from libs.common.db import Database
 from libs.common.db.migrations import migrate
 from libs.common.db.tables import dead_timers, outbox, processed_events, timers
-from libs.common.inbox import claim_new
+from libs.common.inbox import claim_new, pruner
 from libs.common.outbox import OutboxRelay, enqueue
 from libs.common.settings import Settings
-from libs.common.timers import Timer, TimerWorker, cancel, schedule
+from libs.common.timers import Recurring, Timer, TimerWorker, cancel, schedule
 from tests.common import plumbing_migrations
 from tests.conftest import eventually
 
@@ -185,3 +185,41 @@ async def test_concurrent_workers_fire_each_timer_once(db: Database) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_recurring_job_runs_once_per_period_and_prunes_old_ids(db: Database) -> None:
+    prune = Recurring("inbox.prune", timedelta(hours=1), pruner(timedelta(days=14)))
+    async with db.begin() as conn:
+        await prune.ensure(conn)
+        await prune.ensure(conn)
+        await conn.execute(
+            processed_events.insert(),
+            [
+                {
+                    "consumer": "c",
+                    "event_id": "old",
+                    "processed_at": datetime.now(UTC) - timedelta(days=30),
+                },
+                {"consumer": "c", "event_id": "recent", "processed_at": datetime.now(UTC)},
+            ],
+        )
+    assert await count(db, timers) == 1
+    soon = TimerWorker(
+        db,
+        "plumbing",
+        {prune.kind: prune.handler},
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=59),
+    )
+    assert await soon.fire_due() == 0
+    later = TimerWorker(
+        db,
+        "plumbing",
+        {prune.kind: prune.handler},
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=61),
+    )
+    assert await later.fire_due() == 1
+    async with db.connect() as conn:
+        kept = list((await conn.execute(select(processed_events.c.event_id))).scalars())
+        [due] = list((await conn.execute(select(timers.c.due_at))).scalars())
+    assert kept == ["recent"]
+    assert due > datetime.now(UTC) + timedelta(minutes=55), "it rescheduled itself"
