@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import ModuleType
+from typing import Protocol
 
 from fastapi import APIRouter
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -96,6 +97,14 @@ class ServiceParts:
     timer_handlers: dict[str, TimerHandler] = field(default_factory=dict)
     recurring: list[Recurring] = field(default_factory=list)
     """Jobs run every so often on the service's timer workers."""
+    background: list[Background] = field(default_factory=list)
+    """Tasks started after migrations and stopped before the database closes."""
+
+
+class Background(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ class Runtime:
             async with running.ctx.db.begin() as conn:
                 for job in running.parts.recurring:
                     await job.ensure(conn)
+            for task in running.parts.background:
+                await task.start()
             await running.ctx.outbox.start()
             for sub in running.parts.subscriptions:
                 consumer = self.bus.consumer(sub.group, sub.topics, sub.handler)
@@ -199,6 +210,8 @@ class Runtime:
             if running.timers is not None:
                 await running.timers.stop()
             await running.ctx.outbox.stop()
+            for task in running.parts.background:
+                await task.stop()
         await self.bus.stop()
         for db in self.databases:
             await db.dispose()

@@ -85,7 +85,7 @@ def parse_canonical(payload: Any) -> list[Envelope]:
     return events
 
 
-def build_router(ctx: ServiceContext) -> APIRouter:
+def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
     router = APIRouter(tags=["ingest"])
     Auth = Annotated[Principal, Depends(ctx.auth)]
     namespace = ctx.settings.topic_namespace
@@ -230,7 +230,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 missing = shop_ids - await handlers.known_shops(conn, list(shop_ids))
             if missing:
                 raise Problem(404, f"unknown shop(s): {sorted(missing)}")
-            published, duplicates = await deliveries.publish_once(ctx, events, platform)
+            published, duplicates = await ledger.publish_once(events, platform)
             outcome.set("accepted" if published else "duplicate")
             return Accepted(accepted=len(events), duplicates=duplicates, ids=[e.id for e in events])
 
@@ -255,9 +255,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             outcome.topic = normalized.topic
             published, duplicates = 0, 0
             if normalized.events:
-                published, duplicates = await deliveries.publish_once(
-                    ctx, normalized.events, adapter.name
-                )
+                published, duplicates = await ledger.publish_once(normalized.events, adapter.name)
             outcome.set(
                 "ignored" if not normalized.events else "accepted" if published else "duplicate"
             )

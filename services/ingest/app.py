@@ -5,11 +5,14 @@ from __future__ import annotations
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec
 from services.ingest import migrations
 from services.ingest.api import build_router
-from services.ingest.deliveries import PRUNE_LEDGER
+from services.ingest.deliveries import PRUNE_LEDGER, Ledger
 
 
 def build(ctx: ServiceContext) -> ServiceParts:
-    return ServiceParts(router=build_router(ctx), recurring=[PRUNE_LEDGER])
+    ledger = Ledger(ctx)
+    return ServiceParts(
+        router=build_router(ctx, ledger), recurring=[PRUNE_LEDGER], background=[ledger.writer]
+    )
 
 
 SPEC = ServiceSpec(name="ingest", migrations=migrations, build=build, projects_shops=False)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import BusUnavailable
 from libs.common.db.dialect import insert_ignore
+from libs.common.db.group_commit import GroupCommitter
 from libs.common.events import Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
@@ -63,48 +65,57 @@ async def shop_context(conn: AsyncConnection, shop_id: str) -> ShopContext:
     return ShopContext(shop_id=row.shop_id, currency=row.currency, timezone=row.timezone)
 
 
-async def publish_once(
-    ctx: ServiceContext, events: Sequence[Envelope], platform: str
-) -> tuple[int, int]:
-    """Publish the events not published before; returns (published, duplicates)."""
-    unique = list({(e.shop_id, e.dedupe_key): e for e in events}.values())
-    now = datetime.now(UTC)
-    async with ctx.db.connect() as conn:
-        seen: set[tuple[str, str]] = set()
-        for shop_id in {e.shop_id for e in unique}:
-            keys = [e.dedupe_key for e in unique if e.shop_id == shop_id]
-            rows = await conn.execute(
-                select(ingest_ledger.c.dedupe_key).where(
-                    ingest_ledger.c.shop_id == shop_id,
-                    ingest_ledger.c.dedupe_key.in_(keys),
-                    ingest_ledger.c.expires_at > now,
+class Ledger:
+    """Publishes events once within the dedupe horizon; ledger writes are group-committed
+    (one transaction per round of concurrent requests)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.writer = GroupCommitter(ctx.db, self._record, name="ingest-ledger")
+
+    @staticmethod
+    async def _record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        await conn.execute(insert_ignore(conn, ingest_ledger), rows)
+
+    async def publish_once(self, events: Sequence[Envelope], platform: str) -> tuple[int, int]:
+        """Publish the events not published before; returns (published, duplicates)."""
+        ctx = self.ctx
+        unique = list({(e.shop_id, e.dedupe_key): e for e in events}.values())
+        now = datetime.now(UTC)
+        async with ctx.db.connect() as conn:
+            seen: set[tuple[str, str]] = set()
+            for shop_id in {e.shop_id for e in unique}:
+                keys = [e.dedupe_key for e in unique if e.shop_id == shop_id]
+                rows = await conn.execute(
+                    select(ingest_ledger.c.dedupe_key).where(
+                        ingest_ledger.c.shop_id == shop_id,
+                        ingest_ledger.c.dedupe_key.in_(keys),
+                        ingest_ledger.c.expires_at > now,
+                    )
                 )
-            )
-            seen.update((shop_id, key) for key in rows.scalars())
-    fresh = [e for e in unique if (e.shop_id, e.dedupe_key) not in seen]
-    if fresh:
-        started = time.perf_counter()
-        try:
-            await publish_events(ctx.bus, fresh, ctx.settings.topic_namespace)
-        except BusUnavailable:
-            raise Problem(
-                503,
-                "the event bus is unavailable; nothing was accepted, retry later",
-                headers={"Retry-After": RETRY_AFTER_S},
-            ) from None
-        metrics.BUS_ACK_SECONDS.labels(platform).observe(time.perf_counter() - started)
-        expires = now + timedelta(hours=ctx.settings.dedupe_horizon_hours)
-        async with ctx.db.begin() as conn:
-            await conn.execute(
-                insert_ignore(conn, ingest_ledger),
+                seen.update((shop_id, key) for key in rows.scalars())
+        fresh = [e for e in unique if (e.shop_id, e.dedupe_key) not in seen]
+        if fresh:
+            started = time.perf_counter()
+            try:
+                await publish_events(ctx.bus, fresh, ctx.settings.topic_namespace)
+            except BusUnavailable:
+                raise Problem(
+                    503,
+                    "the event bus is unavailable; nothing was accepted, retry later",
+                    headers={"Retry-After": RETRY_AFTER_S},
+                ) from None
+            metrics.BUS_ACK_SECONDS.labels(platform).observe(time.perf_counter() - started)
+            expires = now + timedelta(hours=ctx.settings.dedupe_horizon_hours)
+            await self.writer.submit(
                 [
                     {"shop_id": e.shop_id, "dedupe_key": e.dedupe_key, "expires_at": expires}
                     for e in fresh
-                ],
+                ]
             )
-        for e in fresh:
-            metrics.EVENTS.labels(platform, e.type).inc()
-    return len(fresh), len(events) - len(fresh)
+            for e in fresh:
+                metrics.EVENTS.labels(platform, e.type).inc()
+        return len(fresh), len(events) - len(fresh)
 
 
 async def _prune_ledger(conn: AsyncConnection, now: datetime) -> None:

@@ -172,8 +172,11 @@ def order_status(row: Any) -> str:
 def is_purchase(row: Any) -> bool:
     """An order counts as a purchase once it reached `paid` or a later status (shipped,
     completed, refunded all imply payment); one cancelled before payment never was."""
-    return any(
-        t is not None for t in (row.paid_at, row.shipped_at, row.completed_at, row.refunded_at)
+    return (
+        row.paid_at is not None
+        or row.shipped_at is not None
+        or row.completed_at is not None
+        or row.refunded_at is not None
     )
 
 

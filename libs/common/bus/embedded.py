@@ -43,6 +43,7 @@ from libs.common import metrics
 from libs.common.bus.base import Bus, BusUnavailable, Message, Received, Source
 from libs.common.db.dialect import upsert
 from libs.common.db.engine import Database
+from libs.common.db.group_commit import GroupCommitter
 from libs.common.settings import Settings
 
 _meta = MetaData()
@@ -81,10 +82,7 @@ class EmbeddedBus(Bus):
         self.partitions = settings.embedded_partitions
         url = f"sqlite+aiosqlite:///{(settings.data_dir / 'bus.db').resolve()}"
         self.db = Database(url, "bus")
-        self._queue: asyncio.Queue[tuple[list[dict[str, Any]], asyncio.Future[None]]] = (
-            asyncio.Queue()
-        )
-        self._writer: asyncio.Task[None] | None = None
+        self._writer = GroupCommitter(self.db, self._store, name="embedded-bus")
         self._janitor: asyncio.Task[None] | None = None
         self._published = asyncio.Event()
         self._members: dict[str, list[EmbeddedSource]] = {}
@@ -92,30 +90,30 @@ class EmbeddedBus(Bus):
     async def start(self) -> None:
         async with self.db.begin() as conn:
             await conn.run_sync(_meta.create_all)
-        self._writer = asyncio.create_task(self._write_loop(), name="embedded-bus-writer")
+        await self._writer.start()
         self._janitor = asyncio.create_task(self._retention_loop(), name="embedded-bus-gc")
 
     async def stop(self) -> None:
-        for task in (self._writer, self._janitor):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._writer = self._janitor = None
+        await self._writer.stop()
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+            self._janitor = None
         await self.db.dispose()
 
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         """Topics need no creation here: a partition exists once a message is in it."""
 
     async def ping(self) -> None:
-        if self._writer is None or self._writer.done():
+        if not self._writer.running:
             raise BusUnavailable("embedded bus writer is not running")
         await self.db.ping()
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        if self._writer is None or self._writer.done():
+        if not self._writer.running:
             raise BusUnavailable("embedded bus is not running")
         now = time.time()
         rows = [
@@ -129,33 +127,20 @@ class EmbeddedBus(Bus):
             }
             for m in messages
         ]
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        await self._queue.put((rows, done))
-        await done
+        try:
+            await self._writer.submit(rows)
+        except Exception as exc:
+            raise BusUnavailable(repr(exc)) from exc
+        self._published.set()
+        self._published = asyncio.Event()
         metrics.BUS_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         for m in messages:
             metrics.BUS_PUBLISHED.labels(m.topic).inc()
 
-    async def _write_loop(self) -> None:
-        while True:
-            pending = [await self._queue.get()]
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            rows = [row for batch, _ in pending for row in batch]
-            try:
-                async with self.db.begin() as conn:
-                    await conn.execute(insert(bus_messages), rows)
-            except Exception as exc:
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(BusUnavailable(repr(exc)))
-                continue
-            for _, fut in pending:
-                if not fut.done():
-                    fut.set_result(None)
-            self._published.set()
-            self._published = asyncio.Event()
+    @staticmethod
+    async def _store(conn: Any, rows: list[dict[str, Any]]) -> None:
+        await conn.execute(insert(bus_messages), rows)
 
     async def wait_for_publish(self, max_wait: float) -> None:
         with contextlib.suppress(TimeoutError):
