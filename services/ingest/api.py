@@ -85,7 +85,9 @@ def parse_canonical(payload: Any) -> list[Envelope]:
     return events
 
 
-def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
+def build_router(
+    ctx: ServiceContext, ledger: deliveries.Ledger, directory: deliveries.ShopDirectory
+) -> APIRouter:
     router = APIRouter(tags=["ingest"])
     Auth = Annotated[Principal, Depends(ctx.auth)]
     namespace = ctx.settings.topic_namespace
@@ -141,6 +143,7 @@ def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
             shop = await handlers.update_shop(
                 conn, shop_id, body.model_dump(exclude_none=True), namespace
             )
+        directory.forget(shop_id)
         ctx.outbox.notify()
         return shop
 
@@ -155,6 +158,7 @@ def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
             await handlers.rotate_secret(
                 conn, shop_id, platform, body.secret, timedelta(seconds=body.grace_seconds)
             )
+        directory.forget(shop_id)
 
     @router.post("/v1/events", status_code=202, response_model=Accepted)
     async def post_events(request: Request) -> Accepted:
@@ -208,9 +212,8 @@ def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
                 signed_shop = shop_id or request.headers.get(signing.SHOP_HEADER)
                 if not signed_shop:
                     raise Problem(400, f"{signing.SHOP_HEADER} names the signing shop")
-                async with ctx.db.connect() as conn:
-                    await deliveries.shop_context(conn, signed_shop)
-                    secrets = await handlers.active_secrets(conn, signed_shop, "huitou")
+                await directory.context(signed_shop)
+                secrets = await directory.secrets(signed_shop, "huitou")
                 if not signing.verify(request.headers.get(signing.SIGNATURE_HEADER), body, secrets):
                     raise Problem(401, "bad or expired X-Huitou-Signature")
                 principal = Principal(shop_id=signed_shop)
@@ -226,10 +229,8 @@ def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
             shop_ids = {e.shop_id for e in events}
             for event_shop in shop_ids:
                 principal.shop(event_shop)
-            async with ctx.db.connect() as conn:
-                missing = shop_ids - await handlers.known_shops(conn, list(shop_ids))
-            if missing:
-                raise Problem(404, f"unknown shop(s): {sorted(missing)}")
+            for event_shop in sorted(shop_ids):
+                await directory.context(event_shop)
             published, duplicates = await ledger.publish_once(events, platform)
             outcome.set("accepted" if published else "duplicate")
             return Accepted(accepted=len(events), duplicates=duplicates, ids=[e.id for e in events])
@@ -239,9 +240,8 @@ def build_router(ctx: ServiceContext, ledger: deliveries.Ledger) -> APIRouter:
     ) -> Response:
         with measured(adapter.name, "unknown") as outcome:
             body = await read_body(request, ctx.settings.max_body_bytes)
-            async with ctx.db.connect() as conn:
-                shop = await deliveries.shop_context(conn, shop_id)
-                secrets = await handlers.active_secrets(conn, shop_id, adapter.name)
+            shop = await directory.context(shop_id)
+            secrets = await directory.secrets(shop_id, adapter.name)
             if not secrets:
                 raise Problem(401, f"shop {shop_id!r} has no {adapter.name} secret configured")
             if not adapter.verify(body, request.headers, secrets):

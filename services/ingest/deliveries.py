@@ -20,6 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import BusUnavailable
+from libs.common.db import Database
 from libs.common.db.dialect import insert_ignore
 from libs.common.db.group_commit import GroupCommitter
 from libs.common.events import Envelope
@@ -27,7 +28,7 @@ from libs.common.problems import Problem
 from libs.common.service import ServiceContext
 from libs.common.timers import Recurring
 from services.ingest import metrics
-from services.ingest.handlers import publish_events
+from services.ingest.handlers import active_secrets, publish_events
 from services.ingest.models import ingest_ledger, shops
 from services.ingest.platforms.aftership import AfterShipAdapter
 from services.ingest.platforms.base import PlatformAdapter, ShopContext
@@ -52,17 +53,49 @@ CARRIERS: Mapping[str, PlatformAdapter] = {
 """`POST /v1/logistics/{provider}/{shop_id}`."""
 
 
-async def shop_context(conn: AsyncConnection, shop_id: str) -> ShopContext:
-    row = (
-        await conn.execute(
-            select(shops.c.shop_id, shops.c.currency, shops.c.timezone).where(
-                shops.c.shop_id == shop_id
-            )
-        )
-    ).first()
-    if row is None:
-        raise Problem(404, f"unknown shop {shop_id!r}")
-    return ShopContext(shop_id=row.shop_id, currency=row.currency, timezone=row.timezone)
+class ShopDirectory:
+    """Shops and their webhook secrets as the hot path needs them, cached for a few
+    seconds (shops change rarely; every request used to cost two queries). A rotation is
+    seen at once by this process and within `ttl` seconds by other ingest replicas."""
+
+    def __init__(self, db: Database, ttl: float = 5.0) -> None:
+        self.db = db
+        self.ttl = ttl
+        self._shops: dict[str, tuple[float, ShopContext]] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, list[str]]] = {}
+
+    def forget(self, shop_id: str) -> None:
+        self._shops.pop(shop_id, None)
+        for key in [k for k in self._secrets if k[0] == shop_id]:
+            del self._secrets[key]
+
+    async def context(self, shop_id: str) -> ShopContext:
+        """The shop, or 404 (unknown shops are not cached: they may be created any time)."""
+        cached = self._shops.get(shop_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        async with self.db.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(shops.c.shop_id, shops.c.currency, shops.c.timezone).where(
+                        shops.c.shop_id == shop_id
+                    )
+                )
+            ).first()
+        if row is None:
+            raise Problem(404, f"unknown shop {shop_id!r}")
+        shop = ShopContext(shop_id=row.shop_id, currency=row.currency, timezone=row.timezone)
+        self._shops[shop_id] = (time.monotonic() + self.ttl, shop)
+        return shop
+
+    async def secrets(self, shop_id: str, platform: str) -> list[str]:
+        cached = self._secrets.get((shop_id, platform))
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        async with self.db.connect() as conn:
+            found = await active_secrets(conn, shop_id, platform)
+        self._secrets[(shop_id, platform)] = (time.monotonic() + self.ttl, found)
+        return found
 
 
 class Ledger:

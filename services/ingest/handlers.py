@@ -150,14 +150,6 @@ async def revoke_key(conn: AsyncConnection, shop_id: str, key_id: str, namespace
     await enqueue(conn, [to_message(_registry_event("shop.key_revoked", shop_id, data), namespace)])
 
 
-async def known_shops(conn: AsyncConnection, shop_ids: Sequence[str]) -> set[str]:
-    return set(
-        (
-            await conn.execute(select(shops.c.shop_id).where(shops.c.shop_id.in_(set(shop_ids))))
-        ).scalars()
-    )
-
-
 async def publish_events(bus: Bus, events: Sequence[Envelope], namespace: str) -> None:
     """Publish every event durably or raise BusUnavailable (then nothing is acknowledged)."""
     await bus.publish([to_message(e, namespace) for e in events])
