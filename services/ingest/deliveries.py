@@ -11,6 +11,8 @@ retry and deduplicated downstream by event id).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,6 +40,7 @@ from services.ingest.platforms.taobao import TaobaoAdapter
 from services.ingest.platforms.woocommerce import WooCommerceAdapter
 
 RETRY_AFTER_S = "5"
+log = logging.getLogger(__name__)
 
 PLATFORMS: Mapping[str, PlatformAdapter] = {
     "shopify": ShopifyAdapter(),
@@ -105,6 +108,25 @@ class Ledger:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.writer = GroupCommitter(ctx.db, self._record, name="ingest-ledger")
+        self._pending: set[asyncio.Task[None]] = set()
+        self._unrecorded: set[tuple[str, str]] = set()
+        """Published in this process, ledger row not committed yet: still duplicates."""
+
+    def _remember(self, rows: list[dict[str, Any]]) -> None:
+        """Record published ids without holding the answer for it: the events are already
+        durable, and a record lost to a crash costs at most a duplicate that consumers
+        drop by id."""
+        keys = {(row["shop_id"], row["dedupe_key"]) for row in rows}
+        self._unrecorded |= keys
+        task = asyncio.create_task(self.writer.submit(rows))
+        self._pending.add(task)
+        task.add_done_callback(lambda done: self._recorded(done, keys))
+
+    def _recorded(self, task: asyncio.Task[None], keys: set[tuple[str, str]]) -> None:
+        self._pending.discard(task)
+        self._unrecorded -= keys
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("ingest ledger write failed", extra={"error": repr(task.exception())})
 
     @staticmethod
     async def _record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -127,6 +149,7 @@ class Ledger:
                     )
                 )
                 seen.update((shop_id, key) for key in rows.scalars())
+        seen |= self._unrecorded
         fresh = [e for e in unique if (e.shop_id, e.dedupe_key) not in seen]
         if fresh:
             started = time.perf_counter()
@@ -140,7 +163,7 @@ class Ledger:
                 ) from None
             metrics.BUS_ACK_SECONDS.labels(platform).observe(time.perf_counter() - started)
             expires = now + timedelta(hours=ctx.settings.dedupe_horizon_hours)
-            await self.writer.submit(
+            self._remember(
                 [
                     {"shop_id": e.shop_id, "dedupe_key": e.dedupe_key, "expires_at": expires}
                     for e in fresh

@@ -84,7 +84,10 @@ class EmbeddedBus(Bus):
         self.db = Database(url, "bus")
         self._writer = GroupCommitter(self.db, self._store, name="embedded-bus")
         self._janitor: asyncio.Task[None] | None = None
-        self._published = asyncio.Event()
+        self._published = asyncio.Condition()
+        self.publications = 0
+        """Counts committed publish calls, so a consumer can wait for "anything newer than
+        what I looked at" without missing a publish that lands while it is querying."""
         self._members: dict[str, list[EmbeddedSource]] = {}
 
     async def start(self) -> None:
@@ -132,8 +135,9 @@ class EmbeddedBus(Bus):
             await self._writer.submit(rows)
         except Exception as exc:
             raise BusUnavailable(repr(exc)) from exc
-        self._published.set()
-        self._published = asyncio.Event()
+        self.publications += 1
+        async with self._published:
+            self._published.notify_all()
         metrics.BUS_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         for m in messages:
             metrics.BUS_PUBLISHED.labels(m.topic).inc()
@@ -142,9 +146,13 @@ class EmbeddedBus(Bus):
     async def _store(conn: Any, rows: list[dict[str, Any]]) -> None:
         await conn.execute(insert(bus_messages), rows)
 
-    async def wait_for_publish(self, max_wait: float) -> None:
+    async def wait_for_publish(self, after: int, max_wait: float) -> None:
+        """Return once a publish newer than count `after` committed, or after `max_wait`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._published.wait(), max_wait)
+            async with self._published:
+                await asyncio.wait_for(
+                    self._published.wait_for(lambda: self.publications != after), max_wait
+                )
 
     async def _retention_loop(self) -> None:
         while True:
@@ -244,11 +252,12 @@ class EmbeddedSource(Source):
     async def fetch(self, max_records: int, max_wait: float) -> list[Received]:
         deadline = time.monotonic() + max_wait
         while True:
+            seen = self.bus.publications
             records = await self._fetch_once(max_records)
             remaining = deadline - time.monotonic()
             if records or remaining <= 0:
                 return records
-            await self.bus.wait_for_publish(min(remaining, 0.5))
+            await self.bus.wait_for_publish(seen, remaining)
 
     async def _fetch_once(self, max_records: int) -> list[Received]:
         await self._load_positions()
