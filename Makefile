@@ -23,9 +23,17 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check libs services tests
-	$(BIN)/ruff format --check libs services tests
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
 	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .huitou .pytest_cache .mypy_cache .ruff_cache
+
+## Benchmarks (bench/README.md): quick takes minutes, full much longer; results in bench/results/.
+.PHONY: bench bench-full
+bench: $(STAMP)
+	$(BIN)/python -m bench quick
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench full

@@ -1,0 +1,1 @@
+"""What runs inside `bench/.venv-celery` (Celery is never a project dependency)."""
