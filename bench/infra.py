@@ -25,6 +25,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from tests.servers import asyncpg_kwargs as asyncpg_kwargs
 from tests.servers import free_port as free_port
 from tests.servers import wait_for_port as wait_for_port
 
@@ -93,17 +94,6 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 15) -> None:
 
 
 # --- PostgreSQL -------------------------------------------------------------------------
-
-
-def asyncpg_kwargs(url: str) -> dict[str, Any]:
-    u = make_url(url)
-    return {
-        "user": u.username,
-        "password": u.password or None,
-        "host": u.query.get("host") or u.host,
-        "port": u.port,
-        "database": u.database,
-    }
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from libs.common.settings import Settings
 from tests.platform import Platform
-from tests.servers import Broker, kafka_broker, postgres
+from tests.servers import Broker, asyncpg_kwargs, kafka_broker, postgres
 
 MODES = ["embedded", "distributed"]
 
@@ -37,21 +37,10 @@ def broker(workdir: Path) -> Iterator[Broker]:
         yield b
 
 
-def _asyncpg_kwargs(url: str) -> dict[str, Any]:
-    u = make_url(url)
-    return {
-        "user": u.username,
-        "password": u.password or None,
-        "host": u.query.get("host") or u.host,
-        "port": u.port,
-        "database": u.database,
-    }
-
-
 async def fresh_database(pg_url: str) -> str:
     """A fresh, empty PostgreSQL database on the test server."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    conn = await asyncpg.connect(**asyncpg_kwargs(pg_url))
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:

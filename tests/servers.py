@@ -12,6 +12,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+
+def asyncpg_kwargs(url: str) -> dict[str, Any]:
+    """asyncpg.connect() arguments for a SQLAlchemy PostgreSQL URL (Unix socket or TCP)."""
+    u = make_url(url)
+    return {
+        "user": u.username,
+        "password": u.password or None,
+        "host": u.query.get("host") or u.host,
+        "port": u.port,
+        "database": u.database,
+    }
 
 
 def free_port() -> int:
