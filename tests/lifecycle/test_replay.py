@@ -99,8 +99,13 @@ async def test_replayed_orders_match_an_independent_recomputation(platform: Plat
         if len(items) != len(expected):
             return False
         loyal = sorted(i["customer_id"] for i in items if "loyal" in i["tags"])
+        # Refunds may land after the payment they reverse: wait for money too, not only
+        # for the purchase count.
         return loyal == expected_loyal and all(
-            i["rfm"]["frequency"] == expected[i["customer_id"]]["frequency"] for i in items
+            i["rfm"]["frequency"] == expected[i["customer_id"]]["frequency"]
+            and (i["rfm"]["monetary"] or {"amount_minor": 0})["amount_minor"]
+            == expected[i["customer_id"]]["monetary"]
+            for i in items
         )
 
     await until(settled, within=180)
