@@ -13,7 +13,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
     return ServiceParts(
         router=build_router(ctx, ledger, ShopDirectory(ctx.db)),
         recurring=[PRUNE_LEDGER],
-        background=[ledger.writer],
+        background=[ledger],
     )
 
 

@@ -12,19 +12,23 @@ retry and deduplicated downstream by event id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+import orjson
+from sqlalchemy import bindparam, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import BusUnavailable
 from libs.common.db import Database
-from libs.common.db.dialect import insert_ignore
+from libs.common.db.dialect import insert_ignore, is_postgres
 from libs.common.db.group_commit import GroupCommitter
+from libs.common.db.types import UtcDateTime
 from libs.common.events import Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
@@ -101,21 +105,143 @@ class ShopDirectory:
         return found
 
 
+@dataclass
+class _Delivery:
+    """One request's events waiting for the next publishing round."""
+
+    events: list[Envelope]
+    platform: str
+    answer: asyncio.Future[tuple[int, int]]
+
+
 class Ledger:
-    """Publishes events once within the dedupe horizon; ledger writes are group-committed
-    (one transaction per round of concurrent requests)."""
+    """Publishes events once within the dedupe horizon, in rounds.
+
+    Every request's events join the next round; a round looks up all of its keys in the
+    ledger with one statement, publishes every fresh event with one bus call, records
+    them (group-committed, without holding the answers) and then answers every request
+    in it. Rounds run one at a time, so an event in two concurrent requests is published
+    once (the later request counts it a duplicate only after the bus acknowledged it);
+    under load a round grows with the number of requests waiting, and the per-request
+    cost of the lookup and the bus round trip shrinks accordingly.
+    """
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.writer = GroupCommitter(ctx.db, self._record, name="ingest-ledger")
+        self._queue: asyncio.Queue[_Delivery] = asyncio.Queue()
+        self._rounds: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._unrecorded: set[tuple[str, str]] = set()
         """Published in this process, ledger row not committed yet: still duplicates."""
 
+    async def start(self) -> None:
+        await self.writer.start()
+        self._rounds = asyncio.create_task(self._run(), name="ingest-publish-rounds")
+
+    async def stop(self) -> None:
+        if self._rounds is not None:
+            self._rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rounds
+            self._rounds = None
+        if self._pending:
+            await asyncio.wait(self._pending)
+        await self.writer.stop()
+
+    async def publish_once(self, events: Sequence[Envelope], platform: str) -> tuple[int, int]:
+        """Publish the events not published before; returns (published, duplicates).
+        Raises 503 when the bus did not acknowledge them (then none counts as published)."""
+        if self._rounds is None or self._rounds.done():
+            raise Problem(503, "ingest is not running", headers={"Retry-After": RETRY_AFTER_S})
+        answer: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Delivery(list(events), platform, answer))
+        return await answer
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._round(batch)
+            except Exception as exc:  # a failed lookup: every request of the round retries
+                log.warning("ingest publishing round failed", extra={"error": repr(exc)})
+                for delivery in batch:
+                    if not delivery.answer.done():
+                        delivery.answer.set_exception(
+                            Problem(
+                                503,
+                                "ingest could not check or publish the events; retry later",
+                                headers={"Retry-After": RETRY_AFTER_S},
+                            )
+                        )
+
+    async def _round(self, batch: list[_Delivery]) -> None:
+        now = datetime.now(UTC)
+        keys = {(e.shop_id, e.dedupe_key) for d in batch for e in d.events}
+        seen = await self._published_before(keys, now) | (keys & self._unrecorded)
+        fresh: list[tuple[_Delivery, list[Envelope]]] = []
+        for delivery in batch:
+            mine: list[Envelope] = []
+            for event in delivery.events:
+                key = (event.shop_id, event.dedupe_key)
+                if key not in seen:
+                    seen.add(key)
+                    mine.append(event)
+            fresh.append((delivery, mine))
+        to_publish = [e for _, mine in fresh for e in mine]
+        if to_publish:
+            started = time.perf_counter()
+            try:
+                await publish_events(self.ctx.bus, to_publish, self.ctx.settings.topic_namespace)
+            except BusUnavailable:
+                unavailable = Problem(
+                    503,
+                    "the event bus is unavailable; nothing was accepted, retry later",
+                    headers={"Retry-After": RETRY_AFTER_S},
+                )
+                for delivery in batch:
+                    if not delivery.answer.done():
+                        delivery.answer.set_exception(unavailable)
+                return
+            elapsed = time.perf_counter() - started
+            expires = now + timedelta(hours=self.ctx.settings.dedupe_horizon_hours)
+            self._remember(
+                [
+                    {"shop_id": e.shop_id, "dedupe_key": e.dedupe_key, "expires_at": expires}
+                    for e in to_publish
+                ]
+            )
+        for delivery, mine in fresh:
+            if mine:
+                metrics.BUS_ACK_SECONDS.labels(delivery.platform).observe(elapsed)
+                for e in mine:
+                    metrics.EVENTS.labels(delivery.platform, e.type).inc()
+            if not delivery.answer.done():
+                delivery.answer.set_result((len(mine), len(delivery.events) - len(mine)))
+
+    async def _published_before(
+        self, keys: set[tuple[str, str]], now: datetime
+    ) -> set[tuple[str, str]]:
+        """The keys already in the ledger: one statement of a fixed shape for any number
+        of keys (arrays on PostgreSQL, a JSON array on SQLite), so it is prepared once."""
+        async with self.ctx.db.connect() as conn:
+            if is_postgres(conn):
+                shop_ids, dedupe_keys = zip(*keys, strict=True)
+                rows = await conn.execute(
+                    _SEEN_POSTGRES, {"s": list(shop_ids), "k": list(dedupe_keys), "now": now}
+                )
+            else:
+                rows = await conn.execute(
+                    _SEEN_SQLITE, {"pairs": orjson.dumps(list(keys)).decode(), "now": now}
+                )
+            return {(row[0], row[1]) for row in rows}
+
     def _remember(self, rows: list[dict[str, Any]]) -> None:
-        """Record published ids without holding the answer for it: the events are already
-        durable, and a record lost to a crash costs at most a duplicate that consumers
-        drop by id."""
+        """Record published ids without holding the answers for it: the events are
+        already durable, and a record lost to a crash costs at most a duplicate that
+        consumers drop by id."""
         keys = {(row["shop_id"], row["dedupe_key"]) for row in rows}
         self._unrecorded |= keys
         task = asyncio.create_task(self.writer.submit(rows))
@@ -132,46 +258,18 @@ class Ledger:
     async def _record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         await conn.execute(insert_ignore(conn, ingest_ledger), rows)
 
-    async def publish_once(self, events: Sequence[Envelope], platform: str) -> tuple[int, int]:
-        """Publish the events not published before; returns (published, duplicates)."""
-        ctx = self.ctx
-        unique = list({(e.shop_id, e.dedupe_key): e for e in events}.values())
-        now = datetime.now(UTC)
-        async with ctx.db.connect() as conn:
-            seen: set[tuple[str, str]] = set()
-            for shop_id in {e.shop_id for e in unique}:
-                keys = [e.dedupe_key for e in unique if e.shop_id == shop_id]
-                rows = await conn.execute(
-                    select(ingest_ledger.c.dedupe_key).where(
-                        ingest_ledger.c.shop_id == shop_id,
-                        ingest_ledger.c.dedupe_key.in_(keys),
-                        ingest_ledger.c.expires_at > now,
-                    )
-                )
-                seen.update((shop_id, key) for key in rows.scalars())
-        seen |= self._unrecorded
-        fresh = [e for e in unique if (e.shop_id, e.dedupe_key) not in seen]
-        if fresh:
-            started = time.perf_counter()
-            try:
-                await publish_events(ctx.bus, fresh, ctx.settings.topic_namespace)
-            except BusUnavailable:
-                raise Problem(
-                    503,
-                    "the event bus is unavailable; nothing was accepted, retry later",
-                    headers={"Retry-After": RETRY_AFTER_S},
-                ) from None
-            metrics.BUS_ACK_SECONDS.labels(platform).observe(time.perf_counter() - started)
-            expires = now + timedelta(hours=ctx.settings.dedupe_horizon_hours)
-            self._remember(
-                [
-                    {"shop_id": e.shop_id, "dedupe_key": e.dedupe_key, "expires_at": expires}
-                    for e in fresh
-                ]
-            )
-            for e in fresh:
-                metrics.EVENTS.labels(platform, e.type).inc()
-        return len(fresh), len(events) - len(fresh)
+
+_SEEN_POSTGRES = text(
+    "SELECT shop_id, dedupe_key FROM ingest_ledger"
+    " WHERE (shop_id, dedupe_key) IN (SELECT * FROM unnest(CAST(:s AS text[]), CAST(:k AS text[])))"
+    " AND expires_at > :now"
+).bindparams(bindparam("now", type_=UtcDateTime()))
+_SEEN_SQLITE = text(
+    "SELECT shop_id, dedupe_key FROM ingest_ledger"
+    " WHERE (shop_id, dedupe_key) IN"
+    " (SELECT value ->> 0, value ->> 1 FROM json_each(:pairs))"
+    " AND expires_at > :now"
+).bindparams(bindparam("now", type_=UtcDateTime()))
 
 
 async def _prune_ledger(conn: AsyncConnection, now: datetime) -> None:
