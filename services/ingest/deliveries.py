@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-from sqlalchemy import bindparam, delete, select, text
+from sqlalchemy import String, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import BusUnavailable
 from libs.common.db import Database
-from libs.common.db.dialect import insert_ignore, is_postgres
+from libs.common.db.dialect import insert_ignore
 from libs.common.db.group_commit import GroupCommitter
-from libs.common.db.types import UtcDateTime
+from libs.common.db.keysets import in_rows, planned_per_execution
 from libs.common.events import Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
@@ -225,17 +224,15 @@ class Ledger:
         self, keys: set[tuple[str, str]], now: datetime
     ) -> set[tuple[str, str]]:
         """The keys already in the ledger: one statement of a fixed shape for any number
-        of keys (arrays on PostgreSQL, a JSON array on SQLite), so it is prepared once."""
-        async with self.ctx.db.connect() as conn:
-            if is_postgres(conn):
-                shop_ids, dedupe_keys = zip(*keys, strict=True)
-                rows = await conn.execute(
-                    _SEEN_POSTGRES, {"s": list(shop_ids), "k": list(dedupe_keys), "now": now}
+        of keys (see `keysets`), so it is compiled and prepared once."""
+        led = ingest_ledger.c
+        async with self.ctx.db.connect() as conn, planned_per_execution(conn):
+            rows = await conn.execute(
+                select(led.shop_id, led.dedupe_key).where(
+                    in_rows(conn, "k", [led.shop_id, led.dedupe_key], _KEY_COLUMNS, list(keys)),
+                    led.expires_at > now,
                 )
-            else:
-                rows = await conn.execute(
-                    _SEEN_SQLITE, {"pairs": orjson.dumps(list(keys)).decode(), "now": now}
-                )
+            )
             return {(row[0], row[1]) for row in rows}
 
     def _remember(self, rows: list[dict[str, Any]]) -> None:
@@ -259,17 +256,7 @@ class Ledger:
         await conn.execute(insert_ignore(conn, ingest_ledger), rows)
 
 
-_SEEN_POSTGRES = text(
-    "SELECT shop_id, dedupe_key FROM ingest_ledger"
-    " WHERE (shop_id, dedupe_key) IN (SELECT * FROM unnest(CAST(:s AS text[]), CAST(:k AS text[])))"
-    " AND expires_at > :now"
-).bindparams(bindparam("now", type_=UtcDateTime()))
-_SEEN_SQLITE = text(
-    "SELECT shop_id, dedupe_key FROM ingest_ledger"
-    " WHERE (shop_id, dedupe_key) IN"
-    " (SELECT value ->> 0, value ->> 1 FROM json_each(:pairs))"
-    " AND expires_at > :now"
-).bindparams(bindparam("now", type_=UtcDateTime()))
+_KEY_COLUMNS = [("shop_id", String()), ("dedupe_key", String())]
 
 
 async def _prune_ledger(conn: AsyncConnection, now: datetime) -> None:

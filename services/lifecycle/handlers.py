@@ -19,11 +19,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, case, delete, select, tuple_, update
+from sqlalchemy import String, and_, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import Message
 from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.keysets import in_rows, planned_per_execution, rows_of
+from libs.common.db.types import UtcDateTime
 from libs.common.events import (
     BEHAVIOR_TYPES,
     LOGISTICS_TYPES,
@@ -69,6 +71,7 @@ STATUS_TIMES = (
 CHUNK = 500
 
 CustomerKey = tuple[str, str]
+_CUSTOMER_KEY = [("shop_id", String()), ("customer_id", String())]
 
 
 def identity_of(event: Envelope, customer: Customer) -> Identity:
@@ -226,7 +229,8 @@ async def apply_events(
                     parcel.status,
                     event.time,
                 )
-    resolver = await IdentityResolver.load(conn, (identity for _, _, identity in shown))
+    async with planned_per_execution(conn):
+        resolver = await IdentityResolver.load(conn, (identity for _, _, identity in shown))
     resolved = [resolver.resolve(identity) for _, _, identity in shown]
 
     people: dict[CustomerKey, _CustomerRow] = {}
@@ -266,7 +270,8 @@ async def apply_events(
     await _save_tracking(conn, list(tracking.values()), carrier_updates)
     merges = resolver.merges()
     if merges:
-        await _merge_profiles(conn, merges, now, namespace)
+        async with planned_per_execution(conn):
+            await _merge_profiles(conn, merges, now, namespace)
     touched = set(people) | {(shop, winner) for shop, _, winner in merges}
     await restage(conn, sorted(touched), now=now, namespace=namespace)
 
@@ -316,17 +321,29 @@ async def _save_tracking(
             rows,
         )
     if carrier_updates:
-        # Carrier pushes rarely know the order: join them through the tracking number.
-        await conn.execute(
-            update(order_tracking)
-            .where(
-                t.shop_id == bindparam("s"),
-                t.tracking_number == bindparam("t"),
-                (t.updated_at.is_(None)) | (t.updated_at <= bindparam("at")),
-            )
-            .values(status=bindparam("status"), updated_at=bindparam("at")),
-            carrier_updates,
+        # Carrier pushes rarely know the order: join them through the tracking number. Of
+        # several pushes for one parcel only the latest can win (a later one on a tie).
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for u in carrier_updates:
+            seen = latest.get((u["s"], u["t"]))
+            if seen is None or u["at"] >= seen["at"]:
+                latest[(u["s"], u["t"])] = u
+        pushes = rows_of(
+            conn,
+            "pushes",
+            [("s", String()), ("t", String()), ("status", String()), ("at", UtcDateTime())],
+            [(u["s"], u["t"], u["status"], u["at"]) for u in latest.values()],
         )
+        async with planned_per_execution(conn):
+            await conn.execute(
+                update(order_tracking)
+                .where(
+                    t.shop_id == pushes.c.s,
+                    t.tracking_number == pushes.c.t,
+                    (t.updated_at.is_(None)) | (t.updated_at <= pushes.c.at),
+                )
+                .values(status=pushes.c.status, updated_at=pushes.c.at)
+            )
 
 
 async def _upsert_customers(conn: AsyncConnection, rows: list[_CustomerRow]) -> None:
@@ -405,17 +422,19 @@ async def _merge_profiles(
     conn: AsyncConnection, merges: list[tuple[str, str, str]], now: datetime, namespace: str
 ) -> None:
     """Fold each loser's orders, tags and notes into its winner, mark it merged, announce."""
-    moves = [{"s": s, "loser": loser, "winner": winner} for s, loser, winner in merges]
+    moves = [(s, loser, winner) for s, loser, winner in merges]
+    columns = [("s", String()), ("loser", String()), ("winner", String())]
     for table in (orders, customer_notes):
+        moved_rows = rows_of(conn, "moves", columns, moves)
         await conn.execute(
             update(table)
-            .where(table.c.shop_id == bindparam("s"), table.c.customer_id == bindparam("loser"))
-            .values(customer_id=bindparam("winner")),
-            moves,
+            .where(table.c.shop_id == moved_rows.c.s, table.c.customer_id == moved_rows.c.loser)
+            .values(customer_id=moved_rows.c.winner)
         )
     keys = [(s, loser) for s, loser, _ in merges]
     winner_of = {(s, loser): winner for s, loser, winner in merges}
     ct = customer_tags.c
+    losers = rows_of(conn, "losers", _CUSTOMER_KEY, keys)
     moved = [
         {
             "shop_id": r.shop_id,
@@ -424,17 +443,26 @@ async def _merge_profiles(
             "assigned_at": r.assigned_at,
         }
         for r in await conn.execute(
-            select(customer_tags).where(tuple_(ct.shop_id, ct.customer_id).in_(keys))
+            select(customer_tags).join(
+                losers, and_(ct.shop_id == losers.c.shop_id, ct.customer_id == losers.c.customer_id)
+            )
         )
     ]
     if moved:
         await conn.execute(insert_ignore(conn, customer_tags), moved)
-    await conn.execute(delete(customer_tags).where(tuple_(ct.shop_id, ct.customer_id).in_(keys)))
+    await conn.execute(
+        delete(customer_tags).where(
+            in_rows(conn, "losers", [ct.shop_id, ct.customer_id], _CUSTOMER_KEY, keys)
+        )
+    )
+    merged_rows = rows_of(conn, "moves", columns, moves)
     await conn.execute(
         update(customers)
-        .where(customers.c.shop_id == bindparam("s"), customers.c.customer_id == bindparam("loser"))
-        .values(merged_into=bindparam("winner")),
-        moves,
+        .where(
+            customers.c.shop_id == merged_rows.c.s,
+            customers.c.customer_id == merged_rows.c.loser,
+        )
+        .values(merged_into=merged_rows.c.winner)
     )
     await cancel(conn, [f"restage:{s}:{loser}" for s, loser, _ in merges])
     by_winner: dict[CustomerKey, list[str]] = {}
@@ -492,46 +520,110 @@ async def _restage_chunk(
 ) -> None:
     if not keys:
         return
+    async with planned_per_execution(conn):
+        changes = await _derive_chunk(conn, keys, now, namespace)
+    if changes is not None:
+        await changes.write(conn)
+
+
+@dataclass
+class _ChunkChanges:
+    """What re-deriving a chunk produced beyond the customers' own columns."""
+
+    history: list[dict[str, Any]]
+    tags_added: list[dict[str, Any]]
+    tags_removed: list[tuple[str, str, str]]
+    timers: list[Timer]
+    no_timer: list[str]
+    outgoing: list[Message]
+
+    async def write(self, conn: AsyncConnection) -> None:
+        ct = customer_tags.c
+        if self.history:
+            await conn.execute(stage_history.insert(), self.history)
+        if self.tags_added:
+            await conn.execute(insert_ignore(conn, customer_tags), self.tags_added)
+        if self.tags_removed:
+            await conn.execute(
+                delete(customer_tags).where(
+                    in_rows(
+                        conn,
+                        "removed",
+                        [ct.shop_id, ct.customer_id, ct.tag],
+                        [*_CUSTOMER_KEY, ("tag", String())],
+                        self.tags_removed,
+                    )
+                )
+            )
+        await schedule(conn, self.timers)
+        await cancel(conn, self.no_timer)
+        await enqueue(conn, self.outgoing)
+
+
+async def _derive_chunk(
+    conn: AsyncConnection, keys: list[CustomerKey], now: datetime, namespace: str
+) -> _ChunkChanges | None:
+    """Read the chunk's customers and orders, fix order statuses, write the customers'
+    derived columns; returns the rest to write (outside the per-execution planning)."""
     c = customers.c
+    chunk = rows_of(conn, "chunk", _CUSTOMER_KEY, keys)
     current = {
         (r.shop_id, r.customer_id): r
         for r in await conn.execute(
-            select(customers).where(
-                tuple_(c.shop_id, c.customer_id).in_(keys), c.merged_into.is_(None)
+            select(customers).join(
+                chunk,
+                and_(
+                    c.shop_id == chunk.c.shop_id,
+                    c.customer_id == chunk.c.customer_id,
+                    c.merged_into.is_(None),
+                ),
             )
         )
     }
     if not current:
-        return
+        return None
+    live = list(current)
     shops = {shop for shop, _ in current}
     policies = await load_policies(conn, shops)
     auto = await _auto_tags(conn, shops)
     auto_names = {(shop, t.name) for shop, ts in auto.items() for t in ts}
     held: dict[CustomerKey, set[str]] = {key: set() for key in current}
     ct = customer_tags.c
-    for r in await conn.execute(
-        select(ct.shop_id, ct.customer_id, ct.tag).where(
-            tuple_(ct.shop_id, ct.customer_id).in_(list(current))
-        )
-    ):
-        held[(r.shop_id, r.customer_id)].add(r.tag)
+    if auto_names:
+        # Tags held matter only to shops with automatic tags (their rules may read them).
+        holders = rows_of(conn, "holders", _CUSTOMER_KEY, [k for k in live if auto[k[0]]])
+        for r in await conn.execute(
+            select(ct.shop_id, ct.customer_id, ct.tag).join(
+                holders,
+                and_(ct.shop_id == holders.c.shop_id, ct.customer_id == holders.c.customer_id),
+            )
+        ):
+            held[(r.shop_id, r.customer_id)].add(r.tag)
 
     by_customer: dict[CustomerKey, list[Any]] = {key: [] for key in current}
-    status_updates = []
+    status_updates: list[tuple[str, str, str]] = []
     o = orders.c
+    buyers = rows_of(conn, "buyers", _CUSTOMER_KEY, live)
     for row in await conn.execute(
-        select(orders).where(tuple_(o.shop_id, o.customer_id).in_(list(current)))
+        select(orders).join(
+            buyers, and_(o.shop_id == buyers.c.shop_id, o.customer_id == buyers.c.customer_id)
+        )
     ):
         by_customer[(row.shop_id, row.customer_id)].append(row)
         status = order_status(row)
         if status != row.status:
-            status_updates.append({"s": row.shop_id, "o": row.order_id, "status": status})
+            status_updates.append((row.shop_id, row.order_id, status))
     if status_updates:
+        changed = rows_of(
+            conn,
+            "changed",
+            [("s", String()), ("o", String()), ("status", String())],
+            status_updates,
+        )
         await conn.execute(
             update(orders)
-            .where(o.shop_id == bindparam("s"), o.order_id == bindparam("o"))
-            .values(status=bindparam("status")),
-            status_updates,
+            .where(o.shop_id == changed.c.s, o.order_id == changed.c.o)
+            .values(status=changed.c.status)
         )
 
     updates: list[dict[str, Any]] = []
@@ -605,25 +697,19 @@ async def _restage_chunk(
         else:
             timers.append(Timer(timer_key, RESTAGE_TIMER, key[0], due, {"customer_id": key[1]}))
 
+    names = [name for name in updates[0] if name not in ("s", "c")]
+    derived_rows = rows_of(
+        conn,
+        "derived",
+        [("s", String()), ("c", String())] + [(name, customers.c[name].type) for name in names],
+        [[u["s"], u["c"], *(u[name] for name in names)] for u in updates],
+    )
     await conn.execute(
         update(customers)
-        .where(c.shop_id == bindparam("s"), c.customer_id == bindparam("c"))
-        .values({name: bindparam(name) for name in updates[0] if name not in ("s", "c")}),
-        updates,
+        .where(c.shop_id == derived_rows.c.s, c.customer_id == derived_rows.c.c)
+        .values({name: derived_rows.c[name] for name in names})
     )
-    if history:
-        await conn.execute(stage_history.insert(), history)
-    if tags_added:
-        await conn.execute(insert_ignore(conn, customer_tags), tags_added)
-    if tags_removed:
-        await conn.execute(
-            delete(customer_tags).where(
-                tuple_(ct.shop_id, ct.customer_id, ct.tag).in_(tags_removed)
-            )
-        )
-    await schedule(conn, timers)
-    await cancel(conn, no_timer)
-    await enqueue(conn, outgoing)
+    return _ChunkChanges(history, tags_added, tags_removed, timers, no_timer, outgoing)
 
 
 @dataclass(frozen=True)

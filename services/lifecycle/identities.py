@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import String, and_, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import upsert
+from libs.common.db.keysets import rows_of
 from services.lifecycle.models import customer_identities
 
 IdentityKey = tuple[str, str, str]
@@ -48,23 +49,44 @@ class IdentityResolver:
     async def load(cls, conn: AsyncConnection, identities: Iterable[Identity]) -> IdentityResolver:
         keys = list({key for identity in identities for key in identity.identity_keys()})
         owners: dict[IdentityKey, str] = {}
-        c = customer_identities.c
-        for start in range(0, len(keys), 500):
-            rows = await conn.execute(
-                select(c.shop_id, c.kind, c.value, c.customer_id).where(
-                    tuple_(c.shop_id, c.kind, c.value).in_(keys[start : start + 500])
+        if not keys:
+            return cls(owners)
+        # One statement: the owner of each identity, and (to know whether that owner is a
+        # platform customer, which decides merges) the owner's own platform-id identity.
+        found = customer_identities.alias("found")
+        platform = customer_identities.alias("platform")
+        wanted = rows_of(
+            conn, "wanted", [("shop_id", String()), ("kind", String()), ("value", String())], keys
+        )
+        rows = await conn.execute(
+            select(
+                found.c.shop_id,
+                found.c.kind,
+                found.c.value,
+                found.c.customer_id,
+                platform.c.customer_id.label("platform_owner"),
+            ).select_from(
+                found.join(
+                    wanted,
+                    and_(
+                        found.c.shop_id == wanted.c.shop_id,
+                        found.c.kind == wanted.c.kind,
+                        found.c.value == wanted.c.value,
+                    ),
+                ).outerjoin(
+                    platform,
+                    and_(
+                        platform.c.shop_id == found.c.shop_id,
+                        platform.c.kind == literal_column("'id'"),
+                        platform.c.value == found.c.customer_id,
+                    ),
                 )
             )
-            owners.update({(r.shop_id, r.kind, r.value): r.customer_id for r in rows})
-        # Whether an owner is a platform customer decides merges: know it for every owner.
-        platform_keys = list({(shop, "id", owner) for (shop, _, _), owner in owners.items()})
-        for start in range(0, len(platform_keys), 500):
-            rows = await conn.execute(
-                select(c.shop_id, c.kind, c.value, c.customer_id).where(
-                    tuple_(c.shop_id, c.kind, c.value).in_(platform_keys[start : start + 500])
-                )
-            )
-            owners.update({(r.shop_id, r.kind, r.value): r.customer_id for r in rows})
+        )
+        for r in rows:
+            owners[(r.shop_id, r.kind, r.value)] = r.customer_id
+            if r.platform_owner is not None:
+                owners[(r.shop_id, "id", r.customer_id)] = r.platform_owner
         return cls(owners)
 
     def final(self, shop_id: str, customer_id: str) -> str:
