@@ -6,7 +6,9 @@ timers with one `DELETE … WHERE key IN (SELECT … ORDER BY due_at LIMIT n FOR
 LOCKED) RETURNING …` and runs the handlers in that same transaction, so a timer fires
 exactly when its effect commits; several workers share the load without blocking each
 other (SQLite, single-process, ignores the locking clause). Nothing is held in memory
-per timer: millions pending cost one indexed row each.
+per timer: millions pending cost one indexed row each. Between partial batches a worker
+sleeps until the earliest pending timer is due (one indexed `min(due_at)`), at most its
+poll interval, and a timer scheduled in its own process that is due earlier wakes it.
 
 A handler that fails makes the batch roll back; the timers are then fired one at a time so
 only the failing one is retried, with backoff, and after `timer_max_attempts` it moves to
@@ -18,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common import metrics
-from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.dialect import upsert
 from libs.common.db.engine import Database
 from libs.common.db.tables import dead_timers, timers
 from libs.common.errors import is_infrastructure_error
@@ -46,6 +49,10 @@ class Timer:
     attempts: int = 0
 
 
+_ROW_FIELDS = ("key", "kind", "shop_id", "due_at", "payload", "attempts")
+if tuple(f.name for f in fields(Timer)) != _ROW_FIELDS:  # TimerWorker._claim sets these
+    raise RuntimeError("Timer's fields changed: update TimerWorker._claim")
+
 TimerHandler = Callable[[AsyncConnection, list[Timer]], Awaitable[None]]
 """Applies the effect of fired timers inside the claiming transaction."""
 
@@ -58,6 +65,55 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _sqlite_time(value: datetime) -> str:
+    """`value` as SQLite stores a `UtcDateTime`: naive UTC text, always with microseconds
+    (the format SQLAlchemy's SQLite DateTime writes, so text comparison orders it)."""
+    tz = value.tzinfo
+    if tz is not UTC:
+        value = _aware(value).astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+
+
+def _from_sqlite_time(value: str) -> datetime:
+    return datetime.fromisoformat(value + "+00:00")
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given; Huitou stores aware UTC times only")
+    return value
+
+
+# Plain SQL for the hot statements, run with `exec_driver_sql`: no statement building,
+# cache-key computation or per-row type processing (they are plain text, integers and
+# the one timestamp, converted here). Table and columns are those of `tables.timers`.
+_COLUMNS = "key, kind, shop_id, due_at, payload, attempts, last_error"
+_ON_KEY = " ON CONFLICT (key) DO "
+_REPLACE = (
+    "UPDATE SET kind = excluded.kind, shop_id = excluded.shop_id, due_at = excluded.due_at, "
+    "payload = excluded.payload, attempts = excluded.attempts, last_error = excluded.last_error"
+)
+# One statement per call on PostgreSQL: the rows go in as five arrays.
+_PG_SCHEDULE = (
+    f"INSERT INTO timers ({_COLUMNS}) SELECT k, ki, s, d, p, 0, NULL FROM unnest("
+    "$1::varchar[], $2::varchar[], $3::varchar[], $4::timestamptz[], $5::text[]) "
+    "AS r(k, ki, s, d, p)" + _ON_KEY
+)
+_SQLITE_SCHEDULE = f"INSERT INTO timers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, NULL)" + _ON_KEY
+_CLAIM = (
+    "DELETE FROM timers WHERE key IN (SELECT key FROM timers WHERE due_at <= {now}{key} "
+    "ORDER BY due_at LIMIT {limit}{lock}) "
+    "RETURNING key, kind, shop_id, due_at, payload, attempts"
+)
+_PG_CLAIM = _CLAIM.format(now="$1", limit="$2", key="", lock=" FOR UPDATE SKIP LOCKED")
+_PG_CLAIM_KEY = _CLAIM.format(
+    now="$1", limit="$2", key=" AND key = $3", lock=" FOR UPDATE SKIP LOCKED"
+)
+_SQLITE_CLAIM = _CLAIM.format(now="?1", limit="?2", key="", lock="")
+_SQLITE_CLAIM_KEY = _CLAIM.format(now="?1", limit="?2", key=" AND key = ?3", lock="")
+_NEXT_DUE = "SELECT min(due_at) FROM timers"
+
+
 async def schedule(
     conn: AsyncConnection, pending: Sequence[Timer], *, replace: bool = True
 ) -> None:
@@ -65,29 +121,32 @@ async def schedule(
     same key (or, with `replace=False`, leaving those as they are)."""
     if not pending:
         return
-    rows = {
-        t.key: {
-            "key": t.key,
-            "kind": t.kind,
-            "shop_id": t.shop_id,
-            "due_at": t.due_at,
-            "payload": orjson.dumps(t.payload).decode(),
-            "attempts": 0,
-            "last_error": None,
-        }
-        for t in pending
-    }
-    statement = (
-        upsert(
-            conn,
-            timers,
-            ["key"],
-            ["kind", "shop_id", "due_at", "payload", "attempts", "last_error"],
+    latest = {t.key: t for t in pending}  # one row per key; the last one given wins
+    batch = latest.values()
+    dumps = orjson.dumps
+    conflict = _REPLACE if replace else "NOTHING"
+    if conn.dialect.name == "postgresql":
+        dues = [t.due_at for t in batch]
+        if any(due.tzinfo is None for due in dues):
+            raise ValueError("naive datetime given; Huitou stores aware UTC times only")
+        await conn.exec_driver_sql(
+            _PG_SCHEDULE + conflict,
+            (
+                list(latest),
+                [t.kind for t in batch],
+                [t.shop_id for t in batch],
+                dues,
+                [dumps(t.payload).decode() for t in batch],
+            ),
         )
-        if replace
-        else insert_ignore(conn, timers)
-    )
-    await conn.execute(statement, list(rows.values()))
+    else:
+        when = _sqlite_time
+        await conn.exec_driver_sql(
+            _SQLITE_SCHEDULE + conflict,
+            [(t.key, t.kind, t.shop_id, when(t.due_at), dumps(t.payload).decode()) for t in batch],
+        )
+    if _watched:
+        _hint(conn, min(t.due_at for t in batch))
 
 
 async def cancel(conn: AsyncConnection, keys: Sequence[str]) -> int:
@@ -98,27 +157,95 @@ async def cancel(conn: AsyncConnection, keys: Sequence[str]) -> int:
     return int(result.rowcount)
 
 
-def _claim_statement(now: datetime, limit: int, key: str | None = None) -> Any:
-    due = select(timers.c.key).where(timers.c.due_at <= now)
-    if key is not None:
-        due = due.where(timers.c.key == key)
-    due = due.order_by(timers.c.due_at).limit(limit).with_for_update(skip_locked=True)
-    return (
-        delete(timers)
-        .where(timers.c.key.in_(due.scalar_subquery()))
-        .returning(
-            timers.c.key,
-            timers.c.kind,
-            timers.c.shop_id,
-            timers.c.due_at,
-            timers.c.payload,
-            timers.c.attempts,
-        )
-    )
+# In-process wake-ups. A worker sleeps until the earliest pending timer (at most its poll
+# interval); a timer scheduled meanwhile through the same engine that is due earlier wakes
+# it. The hint is noted on the connection and delivered when the connection goes back to
+# the pool, i.e. after the scheduling transaction committed (or rolled back: one
+# needless round, which is harmless), so the worker never looks before the row is there.
+_HINT = "huitou.timers.earliest"
+_NAP = 0.01
+"""The shortest sleep after firing a partial batch (seconds)."""
+_SLACK = 0.001
+"""Added to sleeps that end at a due time: the loop's timers may fire up to 1 ms early."""
+
+
+class _Watch:
+    """The started workers on one engine, and the pool listener that wakes them."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.workers: set[TimerWorker] = set()
+        event.listen(engine.pool, "checkin", self.on_checkin)
+
+    def on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        due = record.info.pop(_HINT, None) if record is not None else None
+        if due is not None:
+            for worker in list(self.workers):
+                worker._notify(due)
+
+    def close(self) -> None:
+        event.remove(self.engine.pool, "checkin", self.on_checkin)
+
+
+_watched: dict[Any, _Watch] = {}
+"""Sync engine -> its watch, while a worker on it runs in this process."""
+
+
+def _hint(conn: AsyncConnection, due: datetime) -> None:
+    if conn.sync_engine not in _watched:
+        return
+    info = conn.info
+    earliest = info.get(_HINT)
+    if earliest is None or due < earliest:
+        info[_HINT] = due
+
+
+def _watch(worker: TimerWorker) -> None:
+    engine = worker.db.engine.sync_engine
+    watch = _watched.get(engine)
+    if watch is None:
+        watch = _watched[engine] = _Watch(engine)
+    watch.workers.add(worker)
+
+
+def _unwatch(worker: TimerWorker) -> None:
+    engine = worker.db.engine.sync_engine
+    watch = _watched.get(engine)
+    if watch is None:
+        return
+    watch.workers.discard(worker)
+    if not watch.workers:
+        del _watched[engine]
+        watch.close()
+
+
+def _observe_many(histogram: Any, values: list[float]) -> None:
+    """`histogram.observe(v)` for each value, in one update per bucket when the client
+    exposes its buckets (prometheus_client's `Histogram` child), else one by one."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe()
+    for bucket, n in zip(buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
+    total.inc(sum(values))
 
 
 class TimerWorker:
-    """Fires due timers of one service; start several (or several processes) to scale."""
+    """Fires due timers of one service; start several (or several processes) to scale.
+
+    It fires batches back to back while full ones come back, then sleeps until the
+    earliest pending timer is due (at most `poll_interval`, which also bounds how late a
+    timer scheduled by another process can fire), or until a timer scheduled in this
+    process through the same database is due earlier than that.
+    """
 
     def __init__(
         self,
@@ -139,65 +266,200 @@ class TimerWorker:
         self.max_attempts = max_attempts
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._postgres = db.is_postgres
+        self._nap = min(_NAP, poll_interval)
+        self._not_before = 0.0
+        """Loop time before which a hint does not wake the sleeping worker."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sleeping: asyncio.Timeout | None = None
+        self._hint_due: datetime | None = None
+        """The earliest due time hinted since the current round began."""
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _watch(self)
         self._task = asyncio.create_task(self._run(), name=f"timers:{self.service}")
 
     async def stop(self) -> None:
+        _unwatch(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
+    def _notify(self, due: datetime) -> None:
+        """A timer due at `due` was scheduled in this process and its transaction ended
+        (called from wherever that connection went back to the pool)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._hinted(due)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._hinted, due)
+
+    def _hinted(self, due: datetime) -> None:
+        if self._hint_due is None or due < self._hint_due:
+            self._hint_due = due
+        sleeping = self._sleeping
+        if sleeping is None or self._loop is None:
+            return  # working: the delay after this round takes the hint into account
+        delay = max(_SLACK, (due - self.clock()).total_seconds() + _SLACK)
+        wake_at = max(self._loop.time() + delay, self._not_before)
+        planned = sleeping.when()
+        if not sleeping.expired() and (planned is None or wake_at < planned):
+            with contextlib.suppress(RuntimeError):  # expiring already: waking anyway
+                sleeping.reschedule(wake_at)
+
     async def _run(self) -> None:
         while True:
+            self._hint_due = None
+            now = self.clock()
             try:
-                fired = await self.fire_due()
+                fired, next_due, now = await self._drain()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("timer round failed", extra={"service": self.service})
-                fired = 0
-            if fired < self.batch_size:
-                await asyncio.sleep(self.poll_interval)
+                fired, next_due = 0, None
+            delay = self._delay(now, fired, next_due)
+            loop = asyncio.get_running_loop()
+            # Hints may bring the wake-up forward, but not before the nap after a firing.
+            self._not_before = loop.time() + (self._nap if fired else 0.0)
+            await self._sleep(delay)
+
+    async def _drain(self) -> tuple[int, datetime | None, datetime]:
+        """Fire batches back to back on one connection (one pool checkout, and its
+        liveness check, per wake-up rather than per batch) until one is not full; returns
+        the last round's claim count, its next due time and when it claimed."""
+        async with self.db.engine.connect() as conn:
+            while True:
+                now = self.clock()
+                fired, next_due = await self._round(now, conn)
+                if fired < self.batch_size:
+                    return fired, next_due, now
+
+    def _delay(self, claimed_at: datetime, fired: int, next_due: datetime | None) -> float:
+        """How long to sleep after a partial batch claimed at `claimed_at`."""
+        now = self.clock()
+        delay = self.poll_interval
+        if next_due is not None:
+            if next_due <= claimed_at and not fired:
+                # Due when we claimed yet not claimed: another worker holds it (or it
+                # committed just after our claim); look again shortly.
+                delay = self.poll_interval / 10
+            else:
+                delay = min(delay, (next_due - now).total_seconds() + _SLACK)
+        if self._hint_due is not None:
+            delay = min(delay, (self._hint_due - now).total_seconds() + _SLACK)
+        # After firing, never quite 0: timers coming due continuously are fired in small
+        # batches at most every `_NAP` rather than one round trip (and commit) each.
+        return max(delay, self._nap if fired else _SLACK)
+
+    async def _sleep(self, delay: float) -> None:
+        never = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(delay) as self._sleeping:
+                await never
+        except TimeoutError:
+            pass
+        finally:
+            self._sleeping = None
 
     async def fire_due(self) -> int:
         """Claim and fire one batch of due timers; returns how many were claimed."""
-        now = self.clock()
+        return (await self._round(self.clock()))[0]
+
+    async def _round(
+        self, now: datetime, conn: AsyncConnection | None = None
+    ) -> tuple[int, datetime | None]:
+        """Fire one batch due at `now` (in a transaction on `conn` if given); returns how
+        many were claimed and, after a partial batch, when the earliest timer left is due
+        (None if none is, or after a failure)."""
         try:
-            async with self.db.begin() as conn:
-                claimed = await self._claim(conn, now, self.batch_size)
-                await self._fire(conn, claimed, now)
-                return len(claimed)
+            if conn is None:
+                async with self.db.begin() as own:
+                    return await self._claim_and_fire(own, now)
+            async with conn.begin():
+                return await self._claim_and_fire(conn, now)
         except Exception as exc:
             if is_infrastructure_error(exc):
                 raise
             log.warning("timer batch failed; firing one by one", extra={"error": repr(exc)})
-        return await self._fire_one_by_one(now)
+        return await self._fire_one_by_one(now), None
+
+    async def _claim_and_fire(
+        self, conn: AsyncConnection, now: datetime
+    ) -> tuple[int, datetime | None]:
+        claimed = await self._claim(conn, now, self.batch_size)
+        await self._fire(conn, claimed, now)
+        next_due = None
+        if len(claimed) < self.batch_size:
+            next_due = await self._next_due(conn)
+        return len(claimed), next_due
+
+    async def _next_due(self, conn: AsyncConnection) -> datetime | None:
+        due: Any = (await conn.exec_driver_sql(_NEXT_DUE)).scalar()
+        if due is None or self._postgres:
+            return due  # type: ignore[no-any-return]
+        return _from_sqlite_time(due)
 
     async def _claim(
         self, conn: AsyncConnection, now: datetime, limit: int, key: str | None = None
     ) -> list[Timer]:
-        rows = (await conn.execute(_claim_statement(now, limit, key))).all()
-        return [
-            Timer(r.key, r.kind, r.shop_id, r.due_at, orjson.loads(r.payload), r.attempts)
-            for r in rows
-        ]
+        if self._postgres:
+            params: tuple[Any, ...] = (_aware(now), limit)
+            statement = _PG_CLAIM if key is None else _PG_CLAIM_KEY
+        else:
+            params = (_sqlite_time(now), limit)
+            statement = _SQLITE_CLAIM if key is None else _SQLITE_CLAIM_KEY
+        if key is not None:
+            params += (key,)
+        rows: Sequence[Any] = (await conn.exec_driver_sql(statement, params)).all()
+        # Built field by field, as the frozen dataclass's __init__ would (which sets each
+        # field through object.__setattr__, the bulk of the per-row cost here).
+        claimed: list[Timer] = []
+        append, new, loads, postgres = claimed.append, object.__new__, orjson.loads, self._postgres
+        for k, kind, shop_id, due, payload, attempts in rows:
+            timer: Timer = new(Timer)
+            fields = timer.__dict__
+            fields["key"] = k
+            fields["kind"] = kind
+            fields["shop_id"] = shop_id
+            fields["due_at"] = due if postgres else datetime.fromisoformat(due + "+00:00")
+            fields["payload"] = loads(payload)
+            fields["attempts"] = attempts
+            append(timer)
+        return claimed
 
     async def _fire(self, conn: AsyncConnection, claimed: list[Timer], now: datetime) -> None:
-        by_kind: dict[str, list[Timer]] = {}
-        for timer in claimed:
-            by_kind.setdefault(timer.kind, []).append(timer)
-        for kind, batch in by_kind.items():
-            handler = self.handlers.get(kind)
-            if handler is None:
+        if not claimed:
+            return
+        kinds = {timer.kind for timer in claimed}
+        if len(kinds) == 1:
+            by_kind = {kinds.pop(): claimed}
+        else:
+            by_kind = {kind: [] for kind in kinds}
+            for timer in claimed:
+                by_kind[timer.kind].append(timer)
+        for kind in by_kind:
+            if kind not in self.handlers:
                 raise LookupError(f"no handler for timer kind {kind!r}")
-            await handler(conn, batch)
+        now_ts = now.timestamp()
+        for kind, batch in by_kind.items():
+            await self.handlers[kind](conn, batch)
             metrics.TIMERS_FIRED.labels(self.service, kind).inc(len(batch))
-            skew = metrics.TIMER_FIRE_SKEW.labels(self.service, kind)
-            for timer in batch:
-                skew.observe(max(0.0, (now - timer.due_at).total_seconds()))
+            skews = [
+                skew if (skew := now_ts - timer.due_at.timestamp()) > 0.0 else 0.0
+                for timer in batch
+            ]
+            _observe_many(metrics.TIMER_FIRE_SKEW.labels(self.service, kind), skews)
 
     async def _fire_one_by_one(self, now: datetime) -> int:
         async with self.db.connect() as conn:
