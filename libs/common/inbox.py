@@ -9,6 +9,7 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore
+from libs.common.db.keysets import columns_of, insert_select, reused, rows_params
 from libs.common.db.tables import processed_events
 
 
@@ -22,11 +23,24 @@ async def claim_new(conn: AsyncConnection, consumer: str, event_ids: Iterable[st
     if not ids:
         return set()
     now = datetime.now(UTC)
+    # One statement for the batch: the ids inserted are the new ones.
+    stmt = reused(
+        conn,
+        "inbox.claim_new",
+        lambda: insert_ignore(
+            conn, processed_events, insert_select(conn, processed_events, _NAMES, None)
+        ).returning(processed_events.c.event_id),
+    )
     result = await conn.execute(
-        insert_ignore(conn, processed_events).returning(processed_events.c.event_id),
-        [{"consumer": consumer, "event_id": i, "processed_at": now} for i in ids],
+        stmt,
+        rows_params(
+            conn, "new", columns_of(processed_events, _NAMES), [(consumer, i, now) for i in ids]
+        ),
     )
     return set(result.scalars())
+
+
+_NAMES = ("consumer", "event_id", "processed_at")
 
 
 def pruner(retention: timedelta) -> Callable[[AsyncConnection, datetime], Awaitable[None]]:

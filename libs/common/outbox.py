@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import BigInteger, ColumnElement, any_, bindparam, delete, insert, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common import metrics
 from libs.common.bus.base import Bus, BusUnavailable, Message
 from libs.common.db.engine import Database
+from libs.common.db.keysets import columns_of, in_rows, insert_select, reused, rows_params
 from libs.common.db.tables import outbox
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,40 @@ async def enqueue(conn: AsyncConnection, messages: Sequence[Message]) -> None:
     if not messages:
         return
     now = datetime.now(UTC)
-    await conn.execute(
-        insert(outbox),
-        [
-            {
-                "topic": m.topic,
-                "key": m.key,
-                "value": m.value,
-                "headers": orjson.dumps(m.headers).decode(),
-                "created_at": now,
-            }
-            for m in messages
-        ],
+    dumps = orjson.dumps
+    rows = [(m.topic, m.key, m.value, dumps(m.headers).decode(), now) for m in messages]
+    if conn.dialect.name != "postgresql" and not all(_utf8(m.value) for m in messages):
+        # SQLite passes the batch as JSON text, which cannot carry arbitrary bytes.
+        await conn.execute(insert(outbox), [dict(zip(_NAMES, r, strict=True)) for r in rows])
+        return
+    # One statement for the batch, ids assigned in the given order (the relay's order).
+    stmt = reused(
+        conn,
+        "outbox.enqueue",
+        lambda: insert(outbox).from_select(
+            _NAMES, insert_select(conn, outbox, _NAMES, None, ordered=True)
+        ),
     )
+    await conn.execute(stmt, rows_params(conn, "new", columns_of(outbox, _NAMES), rows))
+
+
+_NAMES = ("topic", "key", "value", "headers", "created_at")
+
+
+def _ids_in(conn: AsyncConnection, ids: list[int]) -> ColumnElement[bool]:
+    """`id` among `ids` with a statement of one shape whatever their number (an expanded
+    IN list is a new statement, prepared anew, for every batch size)."""
+    if conn.dialect.name == "postgresql":
+        return outbox.c.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger())))
+    return in_rows(conn, "relayed", [outbox.c.id], [("id", BigInteger())], [(i,) for i in ids])
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class OutboxRelay:
@@ -96,7 +119,7 @@ class OutboxRelay:
             await self.bus.publish(
                 [Message(r.topic, r.key, bytes(r.value), orjson.loads(r.headers)) for r in rows]
             )
-            await conn.execute(delete(outbox).where(outbox.c.id.in_([r.id for r in rows])))
+            await conn.execute(delete(outbox).where(_ids_in(conn, [r.id for r in rows])))
         metrics.OUTBOX_RELAYED.labels(self.service).inc(len(rows))
         return len(rows)
 

@@ -9,17 +9,21 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import Select
 
 
-def _insert(conn: AsyncConnection, table: Table) -> Any:
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+def _insert(conn: AsyncConnection, table: Table, source: Select[Any] | None = None) -> Any:
+    stmt = postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+    if source is not None:
+        # INSERT … SELECT: the select's columns, by name, in order.
+        stmt = stmt.from_select([c.name for c in source.selected_columns], source)
+    return stmt
 
 
-def insert_ignore(conn: AsyncConnection, table: Table) -> Insert:
-    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect."""
-    stmt: Insert = _insert(conn, table).on_conflict_do_nothing()
+def insert_ignore(conn: AsyncConnection, table: Table, source: Select[Any] | None = None) -> Insert:
+    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect (of `source`'s rows,
+    e.g. `insert_select(rows_of(…))`, when given)."""
+    stmt: Insert = _insert(conn, table, source).on_conflict_do_nothing()
     return stmt
 
 
@@ -30,13 +34,15 @@ def upsert(
     update: Sequence[str],
     *,
     merge: Callable[[Any], Mapping[str, Any]] | None = None,
+    source: Select[Any] | None = None,
 ) -> Insert:
     """INSERT … ON CONFLICT (conflict) DO UPDATE SET col = excluded.col for `update`.
 
     `merge(excluded)` may return further SET expressions that combine the stored row
     with the incoming one (`table.c.x` is the stored value, `excluded.x` the new one).
+    With `source` the rows come from that select (one statement for a whole batch).
     """
-    stmt = _insert(conn, table)
+    stmt = _insert(conn, table, source)
     set_: dict[str, Any] = {name: stmt.excluded[name] for name in update}
     if merge is not None:
         set_.update(merge(stmt.excluded))

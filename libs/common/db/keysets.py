@@ -9,49 +9,135 @@ and PostgreSQL plans one join instead of one probe per executed row.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import ColumnElement, bindparam, column, func, select, text, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    LargeBinary,
+    String,
+    Table,
+    bindparam,
+    cast,
+    column,
+    func,
+    select,
+    text,
+    true,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import ColumnClause
-from sqlalchemy.sql.selectable import FromClause
+from sqlalchemy.sql.selectable import FromClause, Select
 from sqlalchemy.types import TypeEngine
 
 Columns = Sequence[tuple[str, TypeEngine[Any]]]
+_T = TypeVar("_T")
 
 
-def _sqlite_value(value: Any) -> Any:
+def _sqlite_default(value: Any) -> Any:
+    """What orjson cannot (or, for datetimes, must not) encode itself."""
     if isinstance(value, datetime):
         # The text SQLAlchemy's SQLite DATETIME stores: naive UTC with microseconds.
+        if value.tzinfo is UTC:
+            return value.isoformat(" ", "microseconds")[:26]
         return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    return value
+    if isinstance(value, bytes):
+        # JSON has no bytes: UTF-8 text, cast back to a BLOB (see `rows_of`).
+        return value.decode()
+    raise TypeError(f"cannot pass {type(value).__name__} in a JSON row")
 
 
 def rows_of(
-    conn: AsyncConnection, name: str, columns: Columns, rows: Sequence[Sequence[Any]]
+    conn: AsyncConnection,
+    name: str,
+    columns: Columns,
+    rows: Sequence[Sequence[Any]] | None,
+    *,
+    ordinality: str | None = None,
 ) -> FromClause:
-    """A derived table `name` with `columns`, holding `rows` (tuples in column order)."""
+    """A derived table `name` with `columns`, holding `rows` (tuples in column order),
+    plus, with `ordinality`, a column of that name numbering them in order.
+
+    With `rows=None` the values are given when executing, as `rows_params(…)`: a
+    statement built once is then reused as is (no rebuilding, no new cache key).
+    On SQLite, bytes values must be UTF-8 (they travel as JSON text).
+    """
+    params = None if rows is None else rows_params(conn, name, columns, rows)
+
+    def param(key: str, type_: TypeEngine[Any]) -> Any:
+        if params is None:
+            return bindparam(key, type_=type_)
+        return bindparam(key, params[key], type_=type_)
+
     if conn.dialect.name == "postgresql":
-        arrays = [
-            bindparam(f"{name}_{col}", [r[i] for r in rows], type_=ARRAY(type_))
-            for i, (col, type_) in enumerate(columns)
-        ]
+        arrays = [param(f"{name}_{col}", ARRAY(type_)) for col, type_ in columns]
         return (
             func.unnest(*arrays)
-            .table_valued(*(column(col, type_) for col, type_ in columns))
+            .table_valued(
+                *(column(col, type_) for col, type_ in columns), with_ordinality=ordinality
+            )
             .render_derived(name=name)
         )
-    encoded = orjson.dumps([[_sqlite_value(v) for v in r] for r in rows]).decode()
-    each = func.json_each(bindparam(f"{name}_json", encoded)).table_valued("value")
+    each = func.json_each(param(f"{name}_json", String())).table_valued("value", "key")
     picked: list[ColumnElement[Any]] = []
     for i, (col, type_) in enumerate(columns):
-        picked.append(func.json_extract(each.c.value, f"$[{i}]", type_=type_).label(col))
+        value: ColumnElement[Any] = func.json_extract(each.c.value, f"$[{i}]", type_=type_)
+        if isinstance(type_, LargeBinary):
+            value = cast(value, type_)
+        picked.append(value.label(col))
+    if ordinality is not None:
+        picked.append(each.c.key.label(ordinality))
     return select(*picked).subquery(name)
+
+
+def rows_params(
+    conn: AsyncConnection, name: str, columns: Columns, rows: Sequence[Sequence[Any]]
+) -> dict[str, Any]:
+    """The execution parameters of `rows_of(conn, name, columns, None)` holding `rows`."""
+    if conn.dialect.name == "postgresql":
+        return {f"{name}_{col}": [r[i] for r in rows] for i, (col, _) in enumerate(columns)}
+    encoded = orjson.dumps(
+        rows if isinstance(rows, list | tuple) else list(rows),
+        default=_sqlite_default,
+        option=orjson.OPT_PASSTHROUGH_DATETIME,
+    ).decode()
+    return {f"{name}_json": encoded}
+
+
+def insert_select(
+    conn: AsyncConnection,
+    table: Table,
+    names: Sequence[str],
+    rows: Sequence[Sequence[Any]] | None,
+    *,
+    ordered: bool = False,
+) -> Select[Any]:
+    """`SELECT names… FROM rows_of(…) WHERE true`, the source of a one-statement INSERT of
+    `rows` (tuples in `names` order) into `table`: pass it to `insert_ignore`/`upsert`
+    (`source=`) or to `insert(table).from_select`. With `ordered`, rows come out in the
+    given order (so generated ids follow it). With `rows=None`, pass
+    `rows_params(conn, "new", columns_of(table, names), rows)` when executing. The
+    `WHERE` lets SQLite parse a following `ON CONFLICT` (otherwise taken for a join's
+    `ON`)."""
+    new = rows_of(
+        conn,
+        "new",
+        columns_of(table, names),
+        rows,
+        ordinality="n" if ordered else None,
+    )
+    source = select(*(new.c[n] for n in names)).where(true())
+    return source.order_by(new.c.n) if ordered else source
+
+
+def columns_of(table: Table, names: Sequence[str]) -> Columns:
+    """`names` with their types in `table`, for `rows_of` and `rows_params`."""
+    return [(n, table.c[n].type) for n in names]
 
 
 def in_rows(
@@ -64,6 +150,21 @@ def in_rows(
     """`(targets…) IN (SELECT … FROM rows)`: a fixed-shape filter for DELETE and friends."""
     keys = rows_of(conn, name, columns, rows)
     return tuple_(*targets).in_(select(*(keys.c[col] for col, _ in columns)))
+
+
+def reused(conn: AsyncConnection, key: str, build: Callable[[], _T]) -> _T:
+    """The statement `build()` makes for this connection's dialect, built once per process
+    and reused: for statements whose values all come as parameters (`rows=None`). A
+    reused statement also keeps SQLAlchemy's cache key, which is otherwise recomputed
+    by walking the whole statement on every execution."""
+    cache_key = (conn.dialect.name, key)
+    stmt: _T | None = _REUSED.get(cache_key)
+    if stmt is None:
+        stmt = _REUSED[cache_key] = build()
+    return stmt
+
+
+_REUSED: dict[tuple[str, str], Any] = {}
 
 
 @asynccontextmanager
