@@ -40,12 +40,23 @@ def _spread(m: Measurement) -> str:
     return f" ±{m.ours.spread_pct / 2:.0f}%" if len(m.ours.samples) > 1 else ""
 
 
-def previous_results(results_dir: Path, mode: str, current: Path | None) -> Path | None:
-    """The newest earlier results file of the same size (quick with quick, …)."""
+def previous_results(results_dir: Path, run: Run, current: Path | None) -> Path | None:
+    """The newest earlier results file of the same size whose workload was the same (a
+    size whose figures changed, e.g. fewer events in quick mode, is not compared)."""
     candidates = sorted(
-        p for p in results_dir.glob(f"*-{mode}.json") if current is None or p != current
+        (p for p in results_dir.glob(f"*-{run.size.name}.json") if p != current), reverse=True
     )
-    return candidates[-1] if candidates else None
+    for path in candidates:
+        if _workload(orjson.loads(path.read_bytes()).get("sizes", {})) == _workload(
+            orjson.loads(orjson.dumps(run.size.__dict__))
+        ):
+            return path
+    return None
+
+
+def _workload(sizes: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs comparable: every size figure but the number of repeats."""
+    return {k: v for k, v in sizes.items() if k != "repeats"}
 
 
 def compare(run: Run, previous: dict[str, Any] | None) -> dict[str, dict[str, Any]]:

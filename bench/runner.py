@@ -119,7 +119,7 @@ async def run_suite(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     current = report.results_path(run)
-    previous = report.previous_results(run.results_dir, size.name, current)
+    previous = report.previous_results(run.results_dir, run, current)
     previous_doc = orjson.loads(previous.read_bytes()) if previous else None
     changes = report.compare(run, previous_doc)
     written = report.write(run, facts, changes, previous)
@@ -152,7 +152,7 @@ async def run_suite(args: argparse.Namespace) -> int:
         regressions = [k for k, c in changes.items() if c["regression"]]
         print(f"compared with {previous.name}: {len(regressions)} regression(s) beyond the noise")
     else:
-        print("no previous results file of this size to compare with")
+        print("no previous results file of this size and workload to compare with")
     return 0
 
 
