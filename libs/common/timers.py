@@ -34,6 +34,7 @@ from libs.common import metrics
 from libs.common.db.dialect import upsert
 from libs.common.db.engine import Database
 from libs.common.db.tables import dead_timers, timers
+from libs.common.db.types import sqlite_utc_text
 from libs.common.errors import is_infrastructure_error
 
 
@@ -63,15 +64,6 @@ log = logging.getLogger(__name__)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _sqlite_time(value: datetime) -> str:
-    """`value` as SQLite stores a `UtcDateTime`: naive UTC text, always with microseconds
-    (the format SQLAlchemy's SQLite DateTime writes, so text comparison orders it)."""
-    tz = value.tzinfo
-    if tz is not UTC:
-        value = _aware(value).astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 def _from_sqlite_time(value: str) -> datetime:
@@ -140,7 +132,7 @@ async def schedule(
             ),
         )
     else:
-        when = _sqlite_time
+        when = sqlite_utc_text
         await conn.exec_driver_sql(
             _SQLITE_SCHEDULE + conflict,
             [(t.key, t.kind, t.shop_id, when(t.due_at), dumps(t.payload).decode()) for t in batch],
@@ -417,7 +409,7 @@ class TimerWorker:
             params: tuple[Any, ...] = (_aware(now), limit)
             statement = _PG_CLAIM if key is None else _PG_CLAIM_KEY
         else:
-            params = (_sqlite_time(now), limit)
+            params = (sqlite_utc_text(now), limit)
             statement = _SQLITE_CLAIM if key is None else _SQLITE_CLAIM_KEY
         if key is not None:
             params += (key,)

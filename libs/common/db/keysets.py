@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -35,6 +35,8 @@ from sqlalchemy.sql.expression import ColumnClause
 from sqlalchemy.sql.selectable import FromClause, Select
 from sqlalchemy.types import TypeEngine
 
+from libs.common.db.types import sqlite_utc_text
+
 Columns = Sequence[tuple[str, TypeEngine[Any]]]
 _T = TypeVar("_T")
 
@@ -42,10 +44,7 @@ _T = TypeVar("_T")
 def _sqlite_default(value: Any) -> Any:
     """What orjson cannot (or, for datetimes, must not) encode itself."""
     if isinstance(value, datetime):
-        # The text SQLAlchemy's SQLite DATETIME stores: naive UTC with microseconds.
-        if value.tzinfo is UTC:
-            return value.isoformat(" ", "microseconds")[:26]
-        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        return sqlite_utc_text(value)
     if isinstance(value, bytes):
         # JSON has no bytes: UTF-8 text, cast back to a BLOB (see `rows_of`).
         return value.decode()

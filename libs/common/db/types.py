@@ -33,3 +33,14 @@ class UtcDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def sqlite_utc_text(value: datetime) -> str:
+    """`value` as SQLite stores a `UtcDateTime`: naive UTC text, always with microseconds
+    (the format SQLAlchemy's SQLite DateTime writes, so comparing the text orders it) —
+    for statements that bypass the column type (plain SQL, JSON-encoded key sets)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given; Huitou stores aware UTC times only")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
