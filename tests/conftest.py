@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
 from libs.common.settings import Settings
 from tests.platform import Platform
-from tests.servers import Broker, asyncpg_kwargs, kafka_broker, postgres
+from tests.servers import Broker, fresh_database, kafka_broker, postgres
 
 MODES = ["embedded", "distributed"]
 
@@ -35,17 +33,6 @@ def pg_url(workdir: Path) -> Iterator[str]:
 def broker(workdir: Path) -> Iterator[Broker]:
     with kafka_broker(workdir) as b:
         yield b
-
-
-async def fresh_database(pg_url: str) -> str:
-    """A fresh, empty PostgreSQL database on the test server."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(**asyncpg_kwargs(pg_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
 
 
 def make_settings(

