@@ -286,6 +286,7 @@ def huitou_env(
     if bus_url:
         env["HUITOU_BUS_URL"] = bus_url
         env["HUITOU_KAFKA_IDEMPOTENCE"] = "false"  # Tansu rejects InitProducerId
+        env.update(servers.single_broker_env())  # one broker: replication 1, min ISR 1
     env.update({f"HUITOU_{k.upper()}": v for k, v in extra.items()})
     return env
 

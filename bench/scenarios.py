@@ -177,6 +177,7 @@ def shopify_payload(*, fresh: bool = False) -> dict[str, Any]:
     """Shopify's sample `orders/create` body; `fresh` makes it an open order placed now
     (the end-to-end path expects the customer to become `interested`)."""
     payload: dict[str, Any] = orjson.loads(SHOPIFY_SAMPLE.read_bytes())
+    payload["currency"] = "CNY"  # the bench's shops sell in CNY (one shop, one currency)
     if fresh:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         payload.update(

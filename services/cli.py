@@ -1,4 +1,6 @@
-"""`huitou`: run the platform (`up`), one service (`serve`), or migrations (`migrate`)."""
+"""`huitou`: run the platform (`up`), one service (`serve`), migrations (`migrate`), and
+the way back for what failed: `dlt replay <topic>` re-publishes a topic's dead letters,
+`timers retry [--service X]` makes dead timers due again (README, "Operations")."""
 
 from __future__ import annotations
 
@@ -10,10 +12,15 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from libs.common.bus import BusConfigurationError, create_bus, replay_dead_letters
+from libs.common.bus.base import dead_letter_topic
+from libs.common.db import Database
+from libs.common.events import topic_name
 from libs.common.http import build_app
 from libs.common.logs import configure_logging
-from libs.common.service import Runtime, ServiceSpec
+from libs.common.service import LOGICAL_TOPICS, Runtime, ServiceSpec
 from libs.common.settings import Settings
+from libs.common.timers import retry_dead_timers
 from services.platform import SERVICES
 
 
@@ -33,8 +40,27 @@ def _admin_key(settings: Settings) -> tuple[str, bool]:
     return path.read_text().strip(), True
 
 
+async def _check_bus(settings: Settings) -> None:
+    """Start the bus and create the topics once before serving, so a bus that refuses its
+    settings (a broker rejecting the idempotent producer, or topics with more replicas
+    than it has brokers) ends the start-up with one clear line, not a traceback."""
+    bus = create_bus(settings)
+    await bus.start()
+    try:
+        await bus.ensure_topics([topic_name(t, settings.topic_namespace) for t in LOGICAL_TOPICS])
+    finally:
+        await bus.stop()
+
+
 def _serve(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
     configure_logging(settings.log_level)
+    if not settings.embedded_bus:
+        try:
+            asyncio.run(_check_bus(settings))
+        except BusConfigurationError as exc:
+            sys.exit(f"huitou: {exc}")
+        except Exception as exc:
+            sys.exit(f"huitou: the bus at {settings.bus_url} is not usable: {exc!r}")
     key, generated = _admin_key(settings)
     settings = settings.model_copy(update={"admin_key": key})
     if generated:
@@ -64,6 +90,36 @@ async def _migrate(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
             await db.dispose()
 
 
+def _full_topic(settings: Settings, topic: str) -> str:
+    """`orders`, `huitou.orders.v1` or `huitou.orders.v1.dlt` → the full topic name."""
+    topic = topic.removesuffix(".dlt")
+    if topic in LOGICAL_TOPICS:
+        return topic_name(topic, settings.topic_namespace)
+    return topic
+
+
+async def _replay(settings: Settings, topic: str) -> int:
+    bus = create_bus(settings)
+    await bus.start()
+    try:
+        return await replay_dead_letters(bus, topic)
+    finally:
+        await bus.stop()
+
+
+async def _retry_timers(specs: Sequence[ServiceSpec], settings: Settings) -> None:
+    for spec in specs:
+        db = Database(settings.database_url_for(spec.name), spec.name)
+        try:
+            moved, superseded = await retry_dead_timers(db)
+        finally:
+            await db.dispose()
+        line = f"{spec.name}: {moved} dead timers due again"
+        if superseded:
+            line += f", {superseded} dropped (their key was scheduled again since)"
+        print(line, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="huitou", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +131,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     for command in (up, serve):
         command.add_argument("--host", help="default 127.0.0.1 (HUITOU_HOST)")
         command.add_argument("--port", type=int, help="default 8000 (HUITOU_PORT)")
+    dlt = commands.add_parser("dlt", help="dead-letter topics")
+    dlt_commands = dlt.add_subparsers(dest="dlt_command", required=True)
+    replay = dlt_commands.add_parser(
+        "replay",
+        help="publish the messages of <topic>.dlt back to <topic>, each once (the "
+        "position reached is kept, so a second run replays only newer dead letters)",
+    )
+    replay.add_argument("topic", help="e.g. huitou.orders.v1, or its logical name: orders")
+    timers = commands.add_parser("timers", help="durable timers")
+    timer_commands = timers.add_subparsers(dest="timers_command", required=True)
+    retry = timer_commands.add_parser(
+        "retry", help="move dead timers back to the pending ones, due now"
+    )
+    retry.add_argument("--service", choices=sorted(SERVICES), help="default: every service")
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -84,6 +154,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(settings, list(SERVICES.values()))
     elif args.command == "serve":
         _serve(settings, [SERVICES[args.service]])
+    elif args.command == "dlt":
+        configure_logging(settings.log_level)
+        topic = _full_topic(settings, args.topic)
+        try:
+            replayed = asyncio.run(_replay(settings, topic))
+        except BusConfigurationError as exc:
+            sys.exit(f"huitou: {exc}")
+        print(f"replayed {replayed} messages from {dead_letter_topic(topic)} to {topic}")
+    elif args.command == "timers":
+        configure_logging(settings.log_level)
+        specs = [SERVICES[args.service]] if args.service else list(SERVICES.values())
+        asyncio.run(_retry_timers(specs, settings))
     else:
         configure_logging(settings.log_level)
         specs = [SERVICES[args.service]] if args.service else list(SERVICES.values())

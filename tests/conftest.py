@@ -13,7 +13,7 @@ import pytest
 
 from libs.common.settings import Settings
 from tests.platform import Platform
-from tests.servers import Broker, fresh_database, kafka_broker, postgres
+from tests.servers import SINGLE_BROKER, Broker, fresh_database, kafka_broker, postgres
 
 MODES = ["embedded", "distributed"]
 
@@ -53,6 +53,7 @@ def make_settings(
             topic_partitions=4,
             topic_namespace=f"t{uuid.uuid4().hex[:8]}.",
             kafka_idempotence=os.environ.get("HUITOU_TEST_KAFKA_IDEMPOTENCE") == "1",
+            **SINGLE_BROKER,
         )
     base.update(extra)
     return Settings(**base)
@@ -100,3 +101,11 @@ async def platform(
     await started.start()
     yield started
     started.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Log hygiene (tests/log_capture.py): record the in-process logs and, when the session
+    ends, scan every log it wrote for phones, emails, secrets and keys."""
+    from tests.log_capture import LogHygiene
+
+    config.pluginmanager.register(LogHygiene(config), "huitou-log-hygiene")

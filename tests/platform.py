@@ -12,12 +12,21 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import murmur2
+from sqlalchemy import and_, or_, select
 
+from libs.common.bus.embedded import bus_messages, bus_offsets, partition_for
+from libs.common.db import Database
+from libs.common.db.tables import processed_events
+from libs.common.events import topic_name
 from libs.common.settings import Settings
 from tests.servers import free_port, wait_for_port
 
@@ -38,6 +47,7 @@ class Platform:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
         self.admin_key = settings.admin_key or "test-admin-key"
+        self._settle_key: str | None = None
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUITOU_")}
@@ -47,7 +57,10 @@ class Platform:
             HUITOU_ADMIN_KEY=self.admin_key,
             HUITOU_TOPIC_NAMESPACE=s.topic_namespace,
             HUITOU_TOPIC_PARTITIONS=str(s.topic_partitions),
+            HUITOU_EMBEDDED_PARTITIONS=str(s.embedded_partitions),
             HUITOU_KAFKA_IDEMPOTENCE=str(s.kafka_idempotence).lower(),
+            HUITOU_TOPIC_REPLICATION_FACTOR=str(s.topic_replication_factor),
+            HUITOU_TOPIC_MIN_INSYNC_REPLICAS=str(s.topic_min_insync_replicas),
             HUITOU_TIMER_POLL_INTERVAL_S="0.2",
             HUITOU_CONSUMER_BATCH_SIZE=str(s.consumer_batch_size),
             HUITOU_BUS_PUBLISH_TIMEOUT_S=str(s.bus_publish_timeout_s),
@@ -64,7 +77,7 @@ class Platform:
     async def start(self, name: str | None = None) -> None:
         for n in [name] if name else self.names():
             port = self.ports.setdefault(n, free_port())
-            args = ["up"] if n == "platform" else ["serve", n]
+            args = ["up"] if n == "platform" else ["serve", n.split("#", 1)[0]]
             self.processes[n] = self._spawn(n, [*args, "--port", str(port)])
             await asyncio.to_thread(wait_for_port, port, 60)
             await self.wait_ready(n)
@@ -90,6 +103,29 @@ class Platform:
                 await asyncio.sleep(0.1)
         raise TimeoutError(f"{name} never became ready; see {self.workdir}/{name}.log")
 
+    async def start_member(self, service: str) -> str:
+        """Start one more process of `service` (another member of its consumer groups),
+        named `service#n`; `take_over` makes it the one the client routes to."""
+        n = 2
+        while f"{service}#{n}" in self.processes:
+            n += 1
+        await self.start(f"{service}#{n}")
+        return f"{service}#{n}"
+
+    def take_over(self, member: str) -> None:
+        """After the process of `member`'s service is gone, `member` serves the service."""
+        service = member.split("#", 1)[0]
+        assert service not in self.processes, "kill the service's own process first"
+        self.processes[service] = self.processes.pop(member)
+        self.ports[service] = self.ports.pop(member)
+
+    def pause(self, name: str | None = None) -> None:
+        """SIGSTOP: the process does nothing more until `resume`, mid-way wherever it was."""
+        self.processes[name or self.names()[0]].send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str | None = None) -> None:
+        self.processes[name or self.names()[0]].send_signal(signal.SIGCONT)
+
     def kill(self, name: str | None = None) -> None:
         """SIGKILL: no shutdown hook runs, in-flight batches are simply lost mid-way."""
         name = name or self.names()[0]
@@ -99,6 +135,7 @@ class Platform:
 
     def stop(self) -> None:
         for process in self.processes.values():
+            process.send_signal(signal.SIGCONT)  # one a test left paused
             process.terminate()
         for process in self.processes.values():
             try:
@@ -150,6 +187,142 @@ class Platform:
         await until(lifecycle_knows_key)
         return key
 
+    # What the bus and the databases hold, for tests that must know where a message is.
+
+    def partition_of(self, key: str) -> int:
+        """The partition a message keyed `key` lands on (the embedded bus's crc32, or the
+        Kafka client's default murmur2 partitioner), among `partitions()`."""
+        if self.embedded:
+            return partition_for(key, self.partitions())
+        hashed: int = murmur2(key.encode())
+        return (hashed & 0x7FFFFFFF) % self.partitions()
+
+    def partitions(self) -> int:
+        s = self.settings
+        return s.embedded_partitions if self.embedded else s.topic_partitions
+
+    async def settle(self, types: Sequence[str] = ("order.created",)) -> None:
+        """Wait until lifecycle has consumed everything published before this call on the
+        topics of `types`, instead of sleeping and hoping.
+
+        A marker event of each type goes to every partition of its topic: an event of a
+        shop of markers only (so no tested shop sees them), from a customer whose key
+        `shop:customer` lands on that partition. Ingest answered 2xx for every earlier
+        event, so each lies before the marker of its partition, and a partition is
+        consumed in order: once every marker is applied, so is everything before it.
+        """
+        if self._settle_key is None:
+            self._settle_key = await self.create_shop(_SETTLE_SHOP)
+        token = uuid.uuid4().hex[:8]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        events: list[dict[str, Any]] = []
+        for type_ in types:
+            chosen: dict[int, str] = {}
+            n = 0
+            while len(chosen) < self.partitions():
+                cid = f"{token}-{type_.split('.')[0]}-{n}"
+                chosen.setdefault(self.partition_of(f"{_SETTLE_SHOP}:{cid}"), cid)
+                n += 1
+            events += [_marker(_SETTLE_SHOP, cid, type_, now) for cid in chosen.values()]
+        key = self._settle_key
+        r = await self.request("POST", "/v1/events", key=key, json=events)
+        assert r.status_code == 202, r.text
+        pending = {e["subject"] for e in events}
+
+        async def all_applied() -> bool:
+            for cid in list(pending):
+                r = await self.request("GET", f"/v1/customers/{cid}", key=key)
+                if r.status_code == 200:
+                    pending.discard(cid)
+            return not pending
+
+        await until(all_applied)
+
+    def database(self, service: str) -> Database:
+        """The service's own database (dispose it after use)."""
+        return Database(self.settings.database_url_for(service), service)
+
+    async def uncommitted(self, group: str, logical_topics: Sequence[str]) -> list[bytes]:
+        """The messages of `logical_topics` past `group`'s committed position: what the
+        group gets again when its consumer starts (read while that consumer is down)."""
+        topics = [topic_name(t, self.settings.topic_namespace) for t in logical_topics]
+        if self.embedded:
+            return await self._uncommitted_embedded(group, topics)
+        return await self._uncommitted_kafka(group, topics)
+
+    async def _uncommitted_embedded(self, group: str, topics: list[str]) -> list[bytes]:
+        db = Database(f"sqlite+aiosqlite:///{(self.settings.data_dir / 'bus.db').resolve()}", "bus")
+        try:
+            async with db.connect() as conn:
+                committed = {
+                    (t, p): pos
+                    for t, p, pos in await conn.execute(
+                        select(
+                            bus_offsets.c.topic, bus_offsets.c.partition, bus_offsets.c.position
+                        ).where(bus_offsets.c.group_id == group)
+                    )
+                }
+                m = bus_messages.c
+                past = [
+                    and_(m.topic == t, m.partition == p, m.seq > committed.get((t, p), 0))
+                    for t in topics
+                    for p in range(self.partitions())
+                ]
+                rows = await conn.execute(select(m.value).where(or_(*past)).order_by(m.seq))
+                return [bytes(v) for v in rows.scalars()]
+        finally:
+            await db.dispose()
+
+    async def _uncommitted_kafka(self, group: str, topics: list[str]) -> list[bytes]:
+        # A manually assigned member of `group` that commits nothing: it reads the group's
+        # committed offsets (OffsetFetch, as the group's own consumers do) without joining,
+        # then up to each partition's high watermark as fetch responses report it (the
+        # test broker's ListOffsets answers are not the log's end).
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+        )
+        await reader.start()
+        try:
+            tps = [TopicPartition(t, p) for t in topics for p in range(self.partitions())]
+            reader.assign(tps)
+            for tp in tps:
+                reader.seek(tp, await reader.committed(tp) or 0)
+            values: list[bytes] = []
+
+            async def behind(tp: TopicPartition) -> bool:
+                end = reader.highwater(tp)
+                return end is None or await reader.position(tp) < end
+
+            while [tp for tp in tps if await behind(tp)]:
+                for records in (await reader.getmany(timeout_ms=200)).values():
+                    values += [r.value for r in records]
+            return values
+        finally:
+            await reader.stop()
+
+
+async def processed(db: Database, consumer: str, keys: Collection[str]) -> set[str]:
+    """Which of the dedupe `keys` the inbox of `consumer` in `db` has recorded: the events
+    that consumer applied, in transactions that committed."""
+    found: set[str] = set()
+    batch = list(keys)
+    async with db.connect() as conn:
+        for start in range(0, len(batch), 500):
+            found.update(
+                (
+                    await conn.execute(
+                        select(processed_events.c.event_id).where(
+                            processed_events.c.consumer == consumer,
+                            processed_events.c.event_id.in_(batch[start : start + 500]),
+                        )
+                    )
+                ).scalars()
+            )
+    return found
+
 
 async def until(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
     """Poll `check` until it holds (waits for asynchronous work; asserts no speed)."""
@@ -158,3 +331,31 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> N
             return
         await asyncio.sleep(0.1)
     raise AssertionError("condition never became true")
+
+
+_SETTLE_SHOP = "settle-markers"
+"""The shop `Platform.settle` sends its markers as."""
+
+
+def _marker(shop_id: str, customer: str, type_: str, now: str) -> dict[str, Any]:
+    """A canonical event of `type_` (an order or a behaviour type) by `customer`."""
+    if type_.startswith("order."):
+        data: dict[str, Any] = {
+            "order_id": f"{customer}-order",
+            "customer": {"id": customer},
+            "status": type_.split(".", 1)[1],
+            "total": {"amount_minor": 1, "currency": "CNY"},
+            "created_at": now,
+        }
+    else:
+        data = {"customer": {"id": customer}, "sku": "settle-marker", "occurred_at": now}
+    return {
+        "specversion": "1.0",
+        "id": f"{customer}-{type_}",
+        "source": f"settle/{shop_id}",
+        "type": type_,
+        "time": now,
+        "shop_id": shop_id,
+        "subject": customer,
+        "data": data,
+    }

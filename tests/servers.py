@@ -17,6 +17,15 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+SINGLE_BROKER: dict[str, Any] = {"topic_replication_factor": 1, "topic_min_insync_replicas": 1}
+"""Topic settings for the one test broker (the product's defaults, 3 and 2, are for a
+production cluster); `single_broker_env()` gives them as environment variables."""
+
+
+def single_broker_env() -> dict[str, str]:
+    """`SINGLE_BROKER` as the `HUITOU_*` variables of a process started against the broker."""
+    return {f"HUITOU_{name.upper()}": str(value) for name, value in SINGLE_BROKER.items()}
+
 
 def asyncpg_kwargs(url: str) -> dict[str, Any]:
     """asyncpg.connect() arguments for a SQLAlchemy PostgreSQL URL (Unix socket or TCP)."""

@@ -32,6 +32,7 @@ from libs.common.bus import Message, create_bus
 from libs.common.db import Database
 from libs.common.events import parse_event, topic_for, topic_name
 from libs.common.settings import Settings
+from tests.servers import SINGLE_BROKER
 
 SHOP = "bench-lc"
 GROUP = "lifecycle"
@@ -239,6 +240,7 @@ async def _ours_once(run: Run, stack: Stack, stream: Stream, *, profile: bool) -
         topic_namespace=namespace,
         kafka_idempotence=False,
         topic_partitions=Settings().topic_partitions,
+        **SINGLE_BROKER,  # the one test broker
     )
     process = infra.Huitou("platform" if stack.embedded else "lifecycle", env, data)
     process.spawn()

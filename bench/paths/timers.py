@@ -135,7 +135,7 @@ class Workers:
 
 def _timers(prefix: str, count: int, due: Any) -> list[Timer]:
     return [
-        Timer(f"{prefix}:{i}", KIND, "bench-shop", due(i), {"customer_id": f"c{i}"})
+        Timer(f"bench-shop|{prefix}|{i}", KIND, "bench-shop", due(i), {"customer_id": f"c{i}"})
         for i in range(count)
     ]
 

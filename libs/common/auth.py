@@ -4,6 +4,10 @@ Keys are random bearer tokens shown once; services store only their SHA-256. Ing
 the shops registry and issues keys; it announces each key (its hash and shop) on the
 `shops` topic, and every other service keeps its own `api_keys` projection from there,
 so no service reads another's tables and every one can check a key locally.
+
+Known keys are cached for 5 seconds (a revoked key is refused within that), in a bounded
+LRU; unknown keys are never cached, so a flood of made-up tokens costs a lookup each but
+no memory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -23,6 +28,7 @@ from libs.common.problems import Problem
 
 KEY_PREFIX = "hk_"
 _CACHE_TTL_S = 5.0
+_CACHE_MAX_ENTRIES = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -64,10 +70,14 @@ class Principal:
 class Authenticator:
     """FastAPI dependency: resolves `Authorization: Bearer <key>` to a Principal."""
 
-    def __init__(self, db: Database, admin_key: str | None) -> None:
+    def __init__(
+        self, db: Database, admin_key: str | None, *, max_cached: int = _CACHE_MAX_ENTRIES
+    ) -> None:
         self.db = db
         self.admin_key = admin_key
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        """Key hash → (expires at, shop) of known keys, least recently used first."""
 
     async def __call__(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
@@ -89,8 +99,11 @@ class Authenticator:
     async def _lookup(self, key_hash: str) -> str | None:
         now = time.monotonic()
         cached = self._cache.get(key_hash)
-        if cached and cached[0] > now and cached[1] is not None:
-            return cached[1]
+        if cached is not None:
+            if cached[0] > now:
+                self._cache.move_to_end(key_hash)
+                return cached[1]
+            del self._cache[key_hash]
         async with self.db.connect() as conn:
             row = (
                 await conn.execute(
@@ -99,6 +112,11 @@ class Authenticator:
                     )
                 )
             ).first()
-        shop_id = row.shop_id if row else None
+        if row is None:
+            return None  # not cached: junk tokens must not grow the cache
+        shop_id: str = row.shop_id
         self._cache[key_hash] = (now + _CACHE_TTL_S, shop_id)
+        self._cache.move_to_end(key_hash)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
         return shop_id

@@ -3,6 +3,47 @@
 Platform payloads are normalised into these at the edge (ingest); nothing downstream knows
 what a Shopify or Kuaidi100 payload looks like. Within schema version 1 changes are additive
 only: every data model accepts (and keeps) fields it does not know yet.
+
+Bounds: whatever these schemas accept, every consumer can store, so ingest refuses the rest
+with a 422 naming the field instead of answering 2xx and dead-lettering it later:
+
+- money in events (`EventMoney`): 0 ≤ `amount_minor` ≤ 10^13 (a hundred billion yuan or
+  dollars; totals, prices and refunds alike, never negative); an item's `quantity` is 1 to
+  100,000 and an order has at most 500 items, so every sum of one order (item counts,
+  amounts) stays far inside the int32/int64 columns it lands in;
+- times (`UtcDatetime`): from 1970-01-01 to before 2100-01-01 UTC, judged after conversion
+  to UTC (an offset that would move the time out of Python's range is refused too);
+- text: no NUL (U+0000, which PostgreSQL cannot store in text) in any text field, and each
+  field at most as long as the column it is stored in. Field → column (lifecycle unless
+  named otherwise; checked by `tests/ingest/test_bounds.py`):
+
+  ====================================  ===========================================  =====
+  field                                 column                                       limit
+  ====================================  ===========================================  =====
+  envelope `id`, `source` (NonEmpty)    processed_events.event_id, ingest_ledger       200
+                                        .dedupe_key (`shop_id|source|id`, 600)
+  envelope `source` (first segment)     customers.source (200 since m0003)             200
+  envelope `subject`, customer.id       customers.customer_id, orders.customer_id,     200
+                                        customer_identities.value (320)
+  `shop_id` (ShopId)                    every shop_id column (64)                       63
+  customer.name                         customers.name                                 200
+  customer.phone (E.164 once            customers.phone (32), customer_identities      16
+  normalised; 64 as sent)               .value; the customer id when it is the id
+  customer.email                        customers.email (320), customer_identities     200
+                                        .value; customers.customer_id (200) when the
+                                        email is the customer's id
+  order_id (orders and logistics)       orders.order_id, order_tracking.order_id       200
+  shipping.province / .city             orders.shipping_province / _city,              100
+                                        customers.province / .city
+  tracking_number                       order_tracking.tracking_number                 100
+  carrier                               order_tracking.carrier                          64
+  total / refund `amount_minor`         orders.total_minor, refunded_minor (bigint)   10^13
+  total / price `currency`              orders.currency, customers.currency (3)      3 A-Z
+  sum of items' `quantity`              orders.item_count (int32)                   5*10^7
+  ====================================  ===========================================  =====
+
+  Fields no column stores are bounded too, generously: `country`/`district` 100, `sku`
+  200, `title` 500, a checkpoint's `description` 2,000, a logistics `reason` 200.
 """
 
 from __future__ import annotations
@@ -32,9 +73,39 @@ _SHOP_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+MAX_AMOUNT_MINOR: Final = 10**13
+"""The largest amount of money an event may carry, in minor units."""
+MAX_QUANTITY: Final = 100_000
+MAX_ITEMS: Final = 500
+MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME: Final = datetime(2100, 1, 1, tzinfo=UTC)
+"""Times are accepted from MIN_TIME (included) to MAX_TIME (excluded), in UTC."""
+PLACE_MAX: Final = 100
+NAME_MAX: Final = 200
+TITLE_MAX: Final = 500
+DESCRIPTION_MAX: Final = 2000
+REASON_MAX: Final = 200
+TRACKING_NUMBER_MAX: Final = 100
+CARRIER_MAX: Final = 64
+
+
 def to_utc(value: datetime) -> datetime:
-    """Return an aware datetime converted to UTC."""
-    return value.astimezone(UTC)
+    """Return an aware datetime converted to UTC, refusing (ValueError) one outside
+    [MIN_TIME, MAX_TIME) — also one whose offset would move it out of Python's range."""
+    try:
+        converted = value.astimezone(UTC)
+    except OverflowError:
+        converted = None
+    if converted is None or not MIN_TIME <= converted < MAX_TIME:
+        raise ValueError(f"must lie from {MIN_TIME:%Y-%m-%d} to before {MAX_TIME:%Y-%m-%d} UTC")
+    return converted
+
+
+def no_nul(value: str) -> str:
+    """Refuse text holding NUL: PostgreSQL cannot store it, and C code would cut it short."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    return value
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -76,10 +147,24 @@ def _email_field(value: str, info: ValidationInfo) -> str:
     return _email(value)
 
 
-Phone = Annotated[str, AfterValidator(_phone_field)]
-Email = Annotated[str, AfterValidator(_email_field)]
+NoNul = AfterValidator(no_nul)
+Phone = Annotated[str, Field(max_length=64), AfterValidator(_phone_field)]
+"""At most 64 characters as sent (which also bounds the normalisation cache); E.164 after."""
+Email = Annotated[str, Field(max_length=NAME_MAX), NoNul, AfterValidator(_email_field)]
+"""At most 200 characters: an email is the customer's id when it is all there is."""
 ShopId = Annotated[str, Field(pattern=_SHOP_ID)]
-NonEmpty = Annotated[str, Field(min_length=1, max_length=200)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=200), NoNul]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+Name = Annotated[str, Field(max_length=NAME_MAX), NoNul]
+PlaceName = Annotated[str, Field(max_length=PLACE_MAX), NoNul]
+Sku = Annotated[str, Field(max_length=200), NoNul]
+Title = Annotated[str, Field(max_length=TITLE_MAX), NoNul]
+Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), NoNul]
+Reason = Annotated[str, Field(max_length=REASON_MAX), NoNul]
+OrderId = Annotated[str, Field(max_length=200), NoNul]
+TrackingNumber = Annotated[str, Field(max_length=TRACKING_NUMBER_MAX), NoNul]
+Carrier = Annotated[str, Field(max_length=CARRIER_MAX), NoNul]
+Quantity = Annotated[int, Field(ge=1, le=MAX_QUANTITY)]
 
 
 class _Data(BaseModel):
@@ -87,33 +172,42 @@ class _Data(BaseModel):
 
 
 class Money(_Data):
-    """An amount in integer minor units (fen, cents) of an ISO 4217 currency."""
+    """An amount in integer minor units (fen, cents) of an ISO 4217 currency.
+
+    Unbounded: figures derived from many events (a customer's monetary value) use it too.
+    Events carry `EventMoney`."""
 
     amount_minor: int
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    currency: Currency
+
+
+class EventMoney(Money):
+    """Money as an event carries it: 0 ≤ `amount_minor` ≤ MAX_AMOUNT_MINOR (10^13)."""
+
+    amount_minor: Annotated[int, Field(ge=0, le=MAX_AMOUNT_MINOR)]
 
 
 class Customer(_Data):
     """Who placed an order or acted; `id` is the platform's customer id when it has one."""
 
     id: NonEmpty | None = None
-    name: str | None = None
+    name: Name | None = None
     phone: Phone | None = None
     email: Email | None = None
 
 
 class Address(_Data):
-    country: str | None = None
-    province: str | None = None
-    city: str | None = None
-    district: str | None = None
+    country: PlaceName | None = None
+    province: PlaceName | None = None
+    city: PlaceName | None = None
+    district: PlaceName | None = None
 
 
 class OrderItem(_Data):
-    sku: str | None = None
-    title: str | None = None
-    quantity: Annotated[int, Field(ge=1)] = 1
-    price: Money | None = None
+    sku: Sku | None = None
+    title: Title | None = None
+    quantity: Quantity = 1
+    price: EventMoney | None = None
 
 
 ORDER_STATUSES = ("created", "paid", "shipped", "completed", "cancelled", "refunded")
@@ -126,10 +220,10 @@ class OrderData(_Data):
     order_id: NonEmpty
     customer: Customer
     status: OrderStatus
-    total: Money | None = None
+    total: EventMoney | None = None
     """The order's total; platforms that omit it on some messages (refund notices) leave
     it out, and consumers keep the total they already know."""
-    items: list[OrderItem] = Field(default_factory=list)
+    items: Annotated[list[OrderItem], Field(max_length=MAX_ITEMS)] = Field(default_factory=list)
     shipping: Address | None = None
     created_at: UtcDatetime | None = None
     paid_at: UtcDatetime | None = None
@@ -137,10 +231,10 @@ class OrderData(_Data):
     shipped_at: UtcDatetime | None = None
     completed_at: UtcDatetime | None = None
     refunded_at: UtcDatetime | None = None
-    refund: Money | None = None
+    refund: EventMoney | None = None
     """For `order.refunded`: the amount refunded by this refund (partial refunds allowed)."""
-    tracking_number: str | None = None
-    carrier: str | None = None
+    tracking_number: TrackingNumber | None = None
+    carrier: Carrier | None = None
 
 
 LOGISTICS_STATUSES = (
@@ -156,16 +250,16 @@ LOGISTICS_STATUSES = (
 
 class Checkpoint(_Data):
     time: UtcDatetime | None = None
-    province: str | None = None
-    city: str | None = None
-    description: str | None = None
+    province: PlaceName | None = None
+    city: PlaceName | None = None
+    description: Description | None = None
 
 
 class LogisticsData(_Data):
     """Data of every `logistics.*` event: one tracking update of one parcel."""
 
-    tracking_number: NonEmpty
-    carrier: NonEmpty
+    tracking_number: Annotated[str, Field(min_length=1, max_length=TRACKING_NUMBER_MAX), NoNul]
+    carrier: Annotated[str, Field(min_length=1, max_length=CARRIER_MAX), NoNul]
     status: Literal[
         "picked_up",
         "in_transit",
@@ -176,10 +270,10 @@ class LogisticsData(_Data):
         "returned",
     ]
     checkpoint: Checkpoint | None = None
-    order_id: str | None = None
+    order_id: OrderId | None = None
     customer: Customer | None = None
     destination: Address | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     """Why, for `logistics.exception` (required there)."""
 
 
@@ -187,10 +281,10 @@ class BehaviorData(_Data):
     """Data of `cart.added`, `item.favorited` and `shop.favorited`."""
 
     customer: Customer
-    sku: str | None = None
-    title: str | None = None
-    quantity: Annotated[int, Field(ge=1)] = 1
-    price: Money | None = None
+    sku: Sku | None = None
+    title: Title | None = None
+    quantity: Quantity = 1
+    price: EventMoney | None = None
     occurred_at: UtcDatetime | None = None
 
 
@@ -347,12 +441,27 @@ class Envelope(BaseModel):
 
     @property
     def dedupe_key(self) -> str:
-        """`source` + `id`: what CloudEvents makes unique, so two senders never collide."""
-        return f"{self.source}|{self.id}"
+        """`shop_id` + `source` + `id`: CloudEvents makes `source` + `id` unique per sender,
+        and a sender posting for a shop speaks only for that shop, so one shop's events can
+        never collide with (and hide) another's, whatever ids either chooses."""
+        return f"{self.shop_id}|{self.source}|{self.id}"
 
     @property
     def key(self) -> str:
-        """Partition key `shop_id:customer_id`, so one customer's events stay in order."""
+        """Partition key: the one thing each family's state is merged by, so its events
+        are applied in the order they were produced (one partition, one consumer).
+
+        Order events go by order (`shop:order:<order_id>`): a customer's identity is not
+        known at the edge (an order's later events may name only its email), but the order
+        is, and every fact about it lands in order; the customer's figures are re-derived
+        from its orders under its row lock, whatever partitions their orders came through.
+        Parcel updates go by tracking number, everything else by its subject (the customer).
+        """
+        data = self.data
+        if self.type.startswith("order.") and data.get("order_id"):
+            return f"{self.shop_id}:order:{data['order_id']}"
+        if self.type.startswith("logistics.") and data.get("tracking_number"):
+            return f"{self.shop_id}:parcel:{data['tracking_number']}"
         return f"{self.shop_id}:{self.subject or self.fallback_subject()}"
 
     def fallback_subject(self) -> str:

@@ -1,4 +1,7 @@
-"""The FastAPI app around a Runtime: routes, `/healthz`, `/readyz`, `/metrics`, errors."""
+"""The FastAPI app around a Runtime: routes, `/healthz`, `/readyz`, `/metrics`, errors, and
+the API documentation (`/docs`, `/redoc`) served entirely from this process: the Swagger
+UI and ReDoc assets come from the `fastapi-offline` package, so the pages work inside a
+private network with no way to a public CDN."""
 
 from __future__ import annotations
 
@@ -8,14 +11,21 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.common import metrics
+from libs.common.openapi import document_api
 from libs.common.problems import install_problem_handlers, problem_response
 from libs.common.service import Runtime, ServiceSpec
 from libs.common.settings import Settings
+
+DOCS_ASSETS = "/docs/assets"
+"""Where the Swagger UI and ReDoc files are served (from the `fastapi_offline` package)."""
 
 
 class HttpMetrics:
@@ -65,12 +75,17 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
         version="0.1.0",
         summary=f"Marketing automation for online shops ({names})",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     install_problem_handlers(app)
+    document_api(app)
     app.add_middleware(HttpMetrics)
     for running in runtime.services:
         app.include_router(running.parts.router)
+
+    _serve_docs(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -79,7 +94,8 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], response_model=None)
     async def readyz() -> Any:
-        """Every database of this process and the bus answer."""
+        """Every database of this process and the bus answer, and every consumer and timer
+        worker is alive and not stuck (`consumer:<group>`, `timers:<service>`)."""
         checks: dict[str, str] = {}
 
         async def check(name: str, probe: Any) -> None:
@@ -94,6 +110,7 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
             check("bus", runtime.bus.ping),
             *(check(f"db:{db.schema}", db.ping) for db in runtime.databases),
         )
+        checks.update(runtime.health())
         if all(v == "ok" for v in checks.values()):
             return {"status": "ready", "checks": checks}
         return problem_response(503, "not ready", checks=checks)
@@ -104,3 +121,36 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc` with every asset served by this app: no page
+    refers to another host (the validator badge, which would call one, is off)."""
+    app.mount(
+        DOCS_ASSETS,
+        StaticFiles(packages=[("fastapi_offline", "static")]),
+        name="docs-assets",
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )

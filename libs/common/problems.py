@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -93,10 +95,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route matching the path.
+            allowed = allowed_methods(request.app.routes, request.scope["path"])
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
         return problem_response(
             exc.status_code,
             str(exc.detail),
-            headers=dict(exc.headers or {}),
+            headers=headers,
             instance=request.url.path,
         )
 
@@ -107,3 +115,20 @@ def install_problem_handlers(app: FastAPI) -> None:
         status = 400 if malformed else 422
         detail = "the body is not valid JSON" if malformed else "the request has invalid fields"
         return problem_response(status, detail, instance=request.url.path, errors=errors)
+
+
+def route_contexts(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every route of an app, also those of included routers: newer FastAPI keeps those
+    nested and resolves them with `iter_route_contexts` (a context reads like its route)."""
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    yield from iterate(list(routes)) if iterate is not None else routes
+
+
+def allowed_methods(routes: Iterable[Any], path: str) -> list[str]:
+    """The methods of every route whose path matches (for `Allow` on a 405)."""
+    found: set[str] = set()
+    for route in route_contexts(routes):
+        regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and methods and regex.match(path):
+            found |= set(methods)
+    return sorted(found)

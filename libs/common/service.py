@@ -163,6 +163,19 @@ class Runtime:
     def databases(self) -> list[Database]:
         return [s.ctx.db for s in self.services]
 
+    def health(self) -> dict[str, str]:
+        """Every consumer (`consumer:<group>`) and timer worker (`timers:<service>`) of
+        this process: "ok", or why not ("dead: …" when its task ended, "stuck: …" when it
+        finished nothing for `HUITOU_CONSUMER_STUCK_AFTER_S`). `/readyz` reports them."""
+        stuck_after = self.settings.consumer_stuck_after_s
+        checks: dict[str, str] = {}
+        for running in self.services:
+            for consumer in running.consumers:
+                checks[f"consumer:{consumer.group}"] = consumer.health() or "ok"
+            if running.timers is not None:
+                checks[f"timers:{running.ctx.name}"] = running.timers.health(stuck_after) or "ok"
+        return checks
+
     async def migrate(self) -> None:
         for spec, running in zip(self.specs, self.services, strict=True):
             applied = await migrate(running.ctx.db, spec.migrations)

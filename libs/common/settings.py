@@ -8,8 +8,9 @@ Setting `HUITOU_DATABASE_URL` to `postgresql+asyncpg://…` and `HUITOU_BUS_URL`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,7 +31,11 @@ class Settings(BaseSettings):
     topic_namespace: str = ""
     """Prefix for every topic name, so several environments can share one Kafka cluster."""
     topic_partitions: int = Field(default=12, ge=1)
-    kafka_replication_factor: int = Field(default=1, ge=1)
+    topic_replication_factor: int = Field(default=3, ge=1)
+    """Replicas of each Kafka topic Huitou creates (production: 3; one broker: 1)."""
+    topic_min_insync_replicas: int = Field(default=2, ge=1)
+    """`min.insync.replicas` of each topic Huitou creates: with `acks=all` a publish is
+    acknowledged only once this many replicas hold it (production: 2; one broker: 1)."""
     kafka_idempotence: bool = True
     """Off against brokers without idempotent producers (the Tansu build used in tests)."""
 
@@ -38,6 +43,9 @@ class Settings(BaseSettings):
     consumer_max_attempts: int = Field(default=5, ge=1)
     """Attempts per message before it goes to the dead-letter topic with its error."""
     consumer_retry_backoff_s: float = Field(default=0.2, ge=0)
+    consumer_stuck_after_s: float = Field(default=300, gt=0)
+    """A consumer or timer worker that completed nothing (no fetch, no handler call) for
+    this long is reported stuck by `/readyz`."""
 
     outbox_batch_size: int = Field(default=500, ge=1)
     timer_batch_size: int = Field(default=500, ge=1)
@@ -56,9 +64,18 @@ class Settings(BaseSettings):
     """How long ingest remembers published event ids (senders' retry horizon: Shopify
     retries for 48 hours)."""
     bus_publish_timeout_s: float = Field(default=10, gt=0)
-    """How long a publish waits for the bus before ingest answers 503."""
+    """How long a publish waits for the bus (Kafka, or the embedded bus's `bus.db`) before
+    it raises `BusUnavailable` and ingest answers 503."""
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Self:
+        if self.topic_min_insync_replicas > self.topic_replication_factor:
+            raise ValueError(
+                "HUITOU_TOPIC_MIN_INSYNC_REPLICAS cannot exceed HUITOU_TOPIC_REPLICATION_FACTOR"
+            )
+        return self
 
     @property
     def embedded_bus(self) -> bool:

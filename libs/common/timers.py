@@ -12,7 +12,11 @@ poll interval, and a timer scheduled in its own process that is due earlier wake
 
 A handler that fails makes the batch roll back; the timers are then fired one at a time so
 only the failing one is retried, with backoff, and after `timer_max_attempts` it moves to
-`dead_timers` with its error instead of blocking the rest.
+`dead_timers` with its error instead of blocking the rest. Transient failures (database
+or network outages, PostgreSQL deadlocks and serialization failures: see
+`libs.common.bus.base.is_transient_error`) count no attempt: the timers stay due and the
+next round fires them again. `retry_dead_timers` (`huitou timers retry`) moves dead
+timers back, due at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -31,11 +36,11 @@ from sqlalchemy import delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common import metrics
+from libs.common.bus.base import is_transient_error
 from libs.common.db.dialect import upsert
 from libs.common.db.engine import Database
 from libs.common.db.tables import dead_timers, timers
 from libs.common.db.types import sqlite_utc_text
-from libs.common.errors import is_infrastructure_error
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,20 @@ class Timer:
     due_at: datetime
     payload: dict[str, Any] = field(default_factory=dict)
     attempts: int = 0
+
+    def __post_init__(self) -> None:
+        # One shop's timer must never replace or cancel another's: keys carry the shop.
+        if not self.key.startswith(f"{self.shop_id}|"):
+            raise ValueError(f"timer key {self.key!r} is not scoped by shop {self.shop_id!r}")
+
+
+GLOBAL = "-"
+"""The `shop_id` of jobs that belong to no shop (recurring maintenance)."""
+
+
+def timer_key(shop_id: str, *parts: str) -> str:
+    """A timer key scoped by its shop: `<shop_id>|<part>|<part>…`."""
+    return "|".join((shop_id, *parts))
 
 
 _ROW_FIELDS = ("key", "kind", "shop_id", "due_at", "payload", "attempts")
@@ -266,11 +285,28 @@ class TimerWorker:
         self._sleeping: asyncio.Timeout | None = None
         self._hint_due: datetime | None = None
         """The earliest due time hinted since the current round began."""
+        self._progress_at = time.monotonic()
+        """When the worker last finished a round (fired, found nothing, or failed)."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _watch(self)
+        self._progress_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"timers:{self.service}")
+
+    def health(self, stuck_after: float) -> str | None:
+        """None while the worker works; otherwise why not (`/readyz` reports it)."""
+        task = self._task
+        if task is None:
+            return "not running"
+        if task.done():
+            if task.cancelled():
+                return "dead: its task was cancelled"
+            return f"dead: {task.exception()!r}"[:300]
+        idle = time.monotonic() - self._progress_at
+        if idle > max(stuck_after, self.poll_interval * 2):
+            return f"stuck: no round finished for {idle:.0f} s"
+        return None
 
     async def stop(self) -> None:
         _unwatch(self)
@@ -317,9 +353,16 @@ class TimerWorker:
                 fired, next_due, now = await self._drain()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("timer round failed", extra={"service": self.service})
+            except Exception as exc:
+                if is_transient_error(exc):
+                    log.warning(
+                        "timer round failed transiently; retrying",
+                        extra={"service": self.service, "error": repr(exc)},
+                    )
+                else:
+                    log.exception("timer round failed", extra={"service": self.service})
                 fired, next_due = 0, None
+            self._progress_at = time.monotonic()
             delay = self._delay(now, fired, next_due)
             loop = asyncio.get_running_loop()
             # Hints may bring the wake-up forward, but not before the nap after a firing.
@@ -334,6 +377,7 @@ class TimerWorker:
             while True:
                 now = self.clock()
                 fired, next_due = await self._round(now, conn)
+                self._progress_at = time.monotonic()
                 if fired < self.batch_size:
                     return fired, next_due, now
 
@@ -381,8 +425,8 @@ class TimerWorker:
             async with conn.begin():
                 return await self._claim_and_fire(conn, now)
         except Exception as exc:
-            if is_infrastructure_error(exc):
-                raise
+            if is_transient_error(exc):
+                raise  # nothing wrong with the timers: the next round fires them again
             log.warning("timer batch failed; firing one by one", extra={"error": repr(exc)})
         return await self._fire_one_by_one(now), None
 
@@ -470,6 +514,13 @@ class TimerWorker:
                 async with self.db.begin() as conn:
                     await self._fire(conn, await self._claim(conn, now, 1, key), now)
             except Exception as exc:
+                if is_transient_error(exc):
+                    # Not the timer's fault: it stays due, uncounted, for the next round.
+                    log.warning(
+                        "timer failed transiently; retrying",
+                        extra={"service": self.service, "key": key, "error": repr(exc)},
+                    )
+                    continue
                 await self._record_failure(key, exc, now)
         return len(keys)
 
@@ -529,7 +580,7 @@ class Recurring:
     job: Callable[[AsyncConnection, datetime], Awaitable[None]]
 
     def timer(self, now: datetime) -> Timer:
-        return Timer(self.kind, self.kind, "-", now + self.every)
+        return Timer(timer_key(GLOBAL, self.kind), self.kind, GLOBAL, now + self.every)
 
     async def handler(self, conn: AsyncConnection, fired: list[Timer]) -> None:
         now = utcnow()
@@ -539,3 +590,41 @@ class Recurring:
     async def ensure(self, conn: AsyncConnection) -> None:
         """Schedule the first run unless one is pending (idempotent across replicas)."""
         await schedule(conn, [self.timer(utcnow())], replace=False)
+
+
+async def retry_dead_timers(db: Database, *, now: datetime | None = None) -> tuple[int, int]:
+    """Move every row of `dead_timers` back to `timers`, due `now` (default: at once) with
+    its attempts reset and its last error kept; returns (moved, superseded). A dead timer
+    whose key was scheduled again since is superseded by that pending one (scheduling a key
+    replaces it) and only dropped. Runs in transactions of a few hundred rows."""
+    when = now or utcnow()
+    moved = superseded = 0
+    while True:
+        async with db.begin() as conn:
+            rows = (
+                await conn.execute(select(dead_timers).order_by(dead_timers.c.key).limit(500))
+            ).all()
+            if not rows:
+                return moved, superseded
+            keys = [row.key for row in rows]
+            pending = set(
+                (await conn.execute(select(timers.c.key).where(timers.c.key.in_(keys)))).scalars()
+            )
+            back = [
+                {
+                    "key": row.key,
+                    "kind": row.kind,
+                    "shop_id": row.shop_id,
+                    "due_at": when,
+                    "payload": row.payload,
+                    "attempts": 0,
+                    "last_error": row.last_error,
+                }
+                for row in rows
+                if row.key not in pending
+            ]
+            if back:
+                await conn.execute(timers.insert(), back)
+            await conn.execute(delete(dead_timers).where(dead_timers.c.key.in_(keys)))
+        moved += len(back)
+        superseded += len(rows) - len(back)

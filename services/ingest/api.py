@@ -10,6 +10,13 @@ from pydantic import ValidationError
 
 from libs.common.auth import Principal
 from libs.common.events import INGESTIBLE_TYPES, LOGISTICS_TYPES, Envelope, parse_event
+from libs.common.openapi import (
+    delivery_answer,
+    events_body,
+    header_params,
+    platform_body,
+    problem_responses,
+)
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
 from services.ingest import deliveries, handlers, signing
@@ -160,7 +167,19 @@ def build_router(
             )
         directory.forget(shop_id)
 
-    @router.post("/v1/events", status_code=202, response_model=Accepted)
+    @router.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=problem_responses(404, 413, 503),
+        openapi_extra={
+            "requestBody": events_body(MAX_BATCH),
+            "security": [{"bearerKey": []}, {"huitouSignature": []}],
+            "parameters": header_params(
+                {signing.SHOP_HEADER: "the signing shop, with X-Huitou-Signature"}
+            ),
+        },
+    )
     async def post_events(request: Request) -> Response:
         """Accept one canonical event or a batch of up to 1,000.
 
@@ -173,7 +192,37 @@ def build_router(
         # Returned as a Response: the model was built here, FastAPI need not re-validate it.
         return Response(orjson.dumps(accepted.model_dump()), 202, media_type="application/json")
 
-    @router.post("/v1/webhooks/{platform}/{shop_id}", response_model=None)
+    @router.post(
+        "/v1/webhooks/{platform}/{shop_id}",
+        response_model=None,
+        responses={
+            200: delivery_answer("`{accepted, duplicates, ids}`"),
+            **problem_responses(401, 413, 503),
+        },
+        openapi_extra={
+            "requestBody": platform_body(
+                "The platform's payload exactly as it sends it (verified on its bytes)",
+                {
+                    "application/json": {"type": "object"},
+                    "application/x-www-form-urlencoded": {"type": "object"},
+                },
+            ),
+            "parameters": header_params(
+                {
+                    "X-Shopify-Hmac-Sha256": "Shopify: base64 HMAC-SHA256(secret, body)",
+                    "X-Shopify-Topic": "Shopify: the topic, e.g. orders/create",
+                    "X-Shopify-Webhook-Id": "Shopify: the delivery id",
+                    "X-Shopify-Event-Id": "Shopify: the event id",
+                    "X-WC-Webhook-Signature": "WooCommerce: base64 HMAC-SHA256(secret, body)",
+                    "X-WC-Webhook-Topic": "WooCommerce: the topic, e.g. order.created",
+                    "X-WC-Webhook-Delivery-ID": "WooCommerce: the delivery id",
+                    "sign": "Taobao TOP SPI: upper hex MD5 over the signed headers and body",
+                    "top-sign-list": "Taobao TOP SPI: the headers that are signed",
+                    "timestamp": "Taobao TOP SPI: yyyy-MM-dd HH:mm:ss in GMT+8",
+                }
+            ),
+        },
+    )
     async def platform_webhook(platform: str, shop_id: str, request: Request) -> Response:
         """A shop platform's webhook, verified by that platform's own signature."""
         adapter = deliveries.PLATFORMS.get(platform)
@@ -183,7 +232,34 @@ def build_router(
             )
         return await receive_platform(request, adapter, shop_id)
 
-    @router.post("/v1/logistics/{provider}/{shop_id}", response_model=None)
+    @router.post(
+        "/v1/logistics/{provider}/{shop_id}",
+        response_model=None,
+        responses={
+            200: delivery_answer("the answer the carrier expects (Kuaidi100: `{result: true}`)"),
+            202: delivery_answer("`generic`: the events are durably on the bus", "Accepted"),
+            **problem_responses(401, 413, 503),
+        },
+        openapi_extra={
+            "requestBody": platform_body(
+                "The carrier's push exactly as it sends it (Kuaidi100: the form `param` + "
+                "`sign`); `generic` takes canonical `logistics.*` events",
+                {
+                    "application/json": {"anyOf": [{"type": "object"}, {"type": "array"}]},
+                    "application/x-www-form-urlencoded": {
+                        "type": "object",
+                        "properties": {"param": {"type": "string"}, "sign": {"type": "string"}},
+                    },
+                },
+            ),
+            "parameters": header_params(
+                {
+                    "aftership-hmac-sha256": "AfterShip: base64 HMAC-SHA256(secret, body)",
+                    signing.SIGNATURE_HEADER: "generic: t=<unix>,v1=<hex HMAC-SHA256>",
+                }
+            ),
+        },
+    )
     async def carrier_push(provider: str, shop_id: str, request: Request) -> Response:
         """A carrier or aggregator's tracking push; `generic` takes canonical logistics
         events signed with `X-Huitou-Signature`."""
@@ -223,7 +299,8 @@ def build_router(
                 principal = await ctx.auth(request)
             else:
                 raise Problem(401, f"sign the request with {signing.SIGNATURE_HEADER}")
-            events = parse_canonical(parse_json(body))
+            payload = parse_json(body)
+            events = parse_canonical(payload)
             if only is not None:
                 wrong = [e.id for e in events if e.type not in only]
                 if wrong:
@@ -231,8 +308,14 @@ def build_router(
             shop_ids = {e.shop_id for e in events}
             for event_shop in shop_ids:
                 principal.shop(event_shop)
+            currency_of: dict[str, str] = {}
             for event_shop in sorted(shop_ids):
-                await directory.context(event_shop)
+                currency_of[event_shop] = (await directory.context(event_shop)).currency
+            foreign = deliveries.foreign_money(
+                events, currency_of, numbered=isinstance(payload, list)
+            )
+            if foreign:
+                raise Problem(422, "the request has invalid fields", errors=foreign)
             published, duplicates = await ledger.publish_once(events, platform)
             outcome.set("accepted" if published else "duplicate")
             return Accepted(accepted=len(events), duplicates=duplicates, ids=[e.id for e in events])
@@ -255,6 +338,11 @@ def build_router(
                     exc.status, exc.message, errors=[{"field": exc.field, "message": exc.message}]
                 ) from None
             outcome.topic = normalized.topic
+            foreign = deliveries.foreign_money(
+                normalized.events, {shop_id: shop.currency}, numbered=False
+            )
+            if foreign:
+                raise Problem(422, foreign[0]["message"], errors=foreign)
             published, duplicates = 0, 0
             if normalized.events:
                 published, duplicates = await ledger.publish_once(normalized.events, adapter.name)

@@ -28,7 +28,7 @@ from libs.common.db import Database
 from libs.common.db.dialect import insert_ignore
 from libs.common.db.group_commit import GroupCommitter
 from libs.common.db.keysets import in_rows, planned_per_execution
-from libs.common.events import Envelope
+from libs.common.events import BEHAVIOR_TYPES, ORDER_TYPES, Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
 from libs.common.timers import Recurring
@@ -57,6 +57,42 @@ CARRIERS: Mapping[str, PlatformAdapter] = {
     "aftership": AfterShipAdapter(),
 }
 """`POST /v1/logistics/{provider}/{shop_id}`."""
+
+
+def foreign_money(
+    events: Sequence[Envelope], currency_of: Mapping[str, str], *, numbered: bool
+) -> list[dict[str, str]]:
+    """The money of order and behavior events that is not in its shop's currency, as
+    problem entries naming the field (`[1].data.items.0.price.currency` when `numbered`).
+
+    One shop, one currency: a shop's RFM, member levels and overview add its amounts up,
+    and amounts in two currencies cannot be added, so ingest refuses (422) money in any
+    currency but the one the shop is registered with (`POST /v1/shops`, `PATCH` to change
+    it), whether it comes through the canonical API or from a platform after normalising.
+    """
+    errors: list[dict[str, str]] = []
+    for index, event in enumerate(events):
+        if event.type not in ORDER_TYPES and event.type not in BEHAVIOR_TYPES:
+            continue
+        expected = currency_of[event.shop_id]
+        data = event.data
+        spots: list[tuple[str, Any]] = [(name, data.get(name)) for name in ("total", "refund")]
+        spots.append(("price", data.get("price")))
+        items = data.get("items")
+        for number, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict):
+                spots.append((f"items.{number}.price", item.get("price")))
+        prefix = f"[{index}]." if numbered else ""
+        for path, money in spots:
+            if isinstance(money, dict) and money.get("currency", expected) != expected:
+                errors.append(
+                    {
+                        "field": f"{prefix}data.{path}.currency",
+                        "message": f"{money['currency']} is not the currency of shop "
+                        f"{event.shop_id!r} ({expected}); a shop takes one currency",
+                    }
+                )
+    return errors
 
 
 class ShopDirectory:
@@ -127,7 +163,9 @@ class Ledger:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.writer = GroupCommitter(ctx.db, self._record, name="ingest-ledger")
+        self.writer = GroupCommitter(
+            ctx.db, self._record, name="ingest-ledger", timeout=ctx.settings.bus_publish_timeout_s
+        )
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue()
         self._rounds: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()

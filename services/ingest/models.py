@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import Column, Index, MetaData, String, Table, Text
 
-from libs.common.db.tables import api_keys, shops
+from libs.common.db.tables import EVENT_KEY_LENGTH, api_keys, shops
 from libs.common.db.types import UtcDateTime
 
 metadata = MetaData()
@@ -31,7 +31,7 @@ ingest_ledger = Table(
     "ingest_ledger",
     metadata,
     Column("shop_id", String(64), primary_key=True),
-    Column("dedupe_key", String(420), primary_key=True),
+    Column("dedupe_key", String(EVENT_KEY_LENGTH), primary_key=True),
     Column("expires_at", UtcDateTime(), nullable=False),
     Index("ix_ingest_ledger_expires_at", "expires_at"),
 )

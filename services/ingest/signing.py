@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Sequence
 
 SIGNATURE_HEADER = "X-Huitou-Signature"
 SHOP_HEADER = "X-Huitou-Shop"
 TOLERANCE_S = 300
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+"""`t`: 1 to 12 ASCII digits. `str.isdigit` alone takes "²" (which `int` refuses) and any
+number of digits (past 4,300 `int` refuses them too); either used to answer 500."""
+_MAC = re.compile(r"[0-9a-f]{64}")
 
 
 def sign(body: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -34,12 +39,16 @@ def verify(
     now: float | None = None,
     tolerance_s: int = TOLERANCE_S,
 ) -> bool:
-    """True when `header` signs `body` with one of `secrets` inside the tolerance window."""
+    """True when `header` signs `body` with one of `secrets` inside the tolerance window.
+
+    Anything malformed is simply not a signature (False, answered 401): `t` must be 1 to 12
+    ASCII digits and `v1` 64 lower-case hex digits."""
     if not header:
         return False
     parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     t, candidates = parts.get("t", ""), [v for k, v in parts.items() if k == "v1"]
-    if not t.isdigit() or not candidates:
+    candidates = [c for c in candidates if _MAC.fullmatch(c)]
+    if not _TIMESTAMP.fullmatch(t) or not candidates:
         return False
     if abs((time.time() if now is None else now) - int(t)) > tolerance_s:
         return False

@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 
 from libs.common.auth import Principal
@@ -18,10 +17,10 @@ from libs.common.problems import Problem
 from libs.common.service import ServiceContext
 from libs.common.timers import schedule
 from services.lifecycle import queries, tagging
-from services.lifecycle.handlers import restage_shop_timer
+from services.lifecycle.derivation import restage_shop_timer
 from services.lifecycle.models import customer_notes, customer_tags, customers, segments, tags
 from services.lifecycle.policies import load_policies, save_policy
-from services.lifecycle.rules import Rule, dump_rule, parse_rule, to_sql
+from services.lifecycle.rules import AMOUNT_MAX, RECENCY_DAYS_MAX, dump_rule, parse_rule, to_sql
 from services.lifecycle.schemas import (
     Changed,
     CopyTo,
@@ -60,11 +59,25 @@ CSV_COLUMNS = (
     "source",
 )
 
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+"""Text in a path or query: no control characters (a NUL would cut SQLite's LIKE pattern
+short and match everyone, and PostgreSQL cannot bind it)."""
+CustomerIdPath = Annotated[str, Path(max_length=200, pattern=NO_CONTROL)]
+TagPath = Annotated[str, Path(max_length=64, pattern=NO_CONTROL)]
+SegmentPath = Annotated[str, Path(max_length=64, pattern=NO_CONTROL)]
+TextQuery = Annotated[str | None, Query(max_length=200, pattern=NO_CONTROL)]
+Amount = Annotated[int | None, Query(ge=0, le=AMOUNT_MAX)]
+"""A count or an amount in minor units, bounded as in rules (`rules.AMOUNT_MAX`)."""
+RecencyDays = Annotated[int | None, Query(ge=0, le=RECENCY_DAYS_MAX)]
+
 
 def build_router(ctx: ServiceContext) -> APIRouter:
     router = APIRouter(tags=["lifecycle"])
     Auth = Annotated[Principal, Depends(ctx.auth)]
-    ShopParam = Annotated[str | None, Query(description="required with the admin key")]
+    ShopParam = Annotated[
+        str | None,
+        Query(description="required with the admin key", max_length=64, pattern=NO_CONTROL),
+    ]
     namespace = ctx.settings.topic_namespace
 
     def now() -> datetime:
@@ -72,7 +85,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.get("/v1/customers/{customer_id}", response_model=CustomerOut)
     async def get_customer(
-        customer_id: str, principal: Auth, shop_id: ShopParam = None
+        customer_id: CustomerIdPath, principal: Auth, shop_id: ShopParam = None
     ) -> CustomerOut:
         """One customer with RFM, stage, level, tags and every order, newest first
         (a merged-away id answers with the profile it was merged into)."""
@@ -85,7 +98,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.patch("/v1/customers/{customer_id}", response_model=CustomerOut)
     async def correct_customer(
-        customer_id: str, body: CustomerPatch, principal: Auth, shop_id: ShopParam = None
+        customer_id: CustomerIdPath, body: CustomerPatch, principal: Auth, shop_id: ShopParam = None
     ) -> CustomerOut:
         """Correct a profile's source channel."""
         shop = principal.shop(shop_id)
@@ -102,7 +115,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.get("/v1/customers/{customer_id}/timeline", response_model=list[TimelineEntry])
     async def customer_timeline(
-        customer_id: str, principal: Auth, shop_id: ShopParam = None
+        customer_id: CustomerIdPath, principal: Auth, shop_id: ShopParam = None
     ) -> list[TimelineEntry]:
         """Orders, stage changes, tags and notes of a customer, newest first."""
         shop = principal.shop(shop_id)
@@ -112,7 +125,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post("/v1/customers/{customer_id}/notes", status_code=201, response_model=TimelineEntry)
     async def add_note(
-        customer_id: str, body: NoteIn, principal: Auth, shop_id: ShopParam = None
+        customer_id: CustomerIdPath, body: NoteIn, principal: Auth, shop_id: ShopParam = None
     ) -> TimelineEntry:
         """Add an operator's note to a customer."""
         shop = principal.shop(shop_id)
@@ -131,20 +144,25 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     async def list_customers(
         principal: Auth,
         shop_id: ShopParam = None,
-        stage: Annotated[str | None, Query()] = None,
-        tag: Annotated[str | None, Query()] = None,
-        level: Annotated[str | None, Query()] = None,
-        city: Annotated[str | None, Query()] = None,
+        stage: TextQuery = None,
+        tag: TextQuery = None,
+        level: TextQuery = None,
+        city: TextQuery = None,
         q: Annotated[
             str | None,
-            Query(min_length=1, max_length=100, description="name, phone or email contains"),
+            Query(
+                min_length=1,
+                max_length=100,
+                pattern=NO_CONTROL,
+                description="name, phone or email contains (`%` and `_` are plain characters)",
+            ),
         ] = None,
-        min_frequency: Annotated[int | None, Query(ge=0)] = None,
-        max_frequency: Annotated[int | None, Query(ge=0)] = None,
-        min_monetary: Annotated[int | None, Query(ge=0)] = None,
-        max_monetary: Annotated[int | None, Query(ge=0)] = None,
-        min_recency_days: Annotated[int | None, Query(ge=0)] = None,
-        max_recency_days: Annotated[int | None, Query(ge=0)] = None,
+        min_frequency: Amount = None,
+        max_frequency: Amount = None,
+        min_monetary: Amount = None,
+        max_monetary: Amount = None,
+        min_recency_days: RecencyDays = None,
+        max_recency_days: RecencyDays = None,
         sort: Annotated[str, Query(description=f"one of {list(queries.SORTS)}")] = ("customer_id"),
         cursor: Annotated[str | None, Query(max_length=500)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -225,28 +243,26 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         """A manual tag, or an automatic one with a `rule` (evaluated for every customer
         in the background, then whenever a customer's facts change)."""
         shop = principal.shop(shop_id)
-        rule = None if body.rule is None else checked_rule(body.rule, "rule")
         async with ctx.db.begin() as conn:
-            await tagging.create_tag(conn, shop, body.name, rule)
+            await tagging.create_tag(conn, shop, body.name, body.rule)
         return TagOut(
             name=body.name,
-            kind="auto" if rule else "manual",
-            rule=dump_rule(rule) if rule else None,
+            kind="auto" if body.rule else "manual",
+            rule=body.rule,
             customers=0,
         )
 
     @router.put("/v1/tags/{name}/rule", status_code=204)
     async def change_rule(
-        name: str, body: RuleIn, principal: Auth, shop_id: ShopParam = None
+        name: TagPath, body: RuleIn, principal: Auth, shop_id: ShopParam = None
     ) -> None:
         """Replace an automatic tag's rule; every customer is re-evaluated."""
         shop = principal.shop(shop_id)
-        rule = checked_rule(body.rule, "rule")
         async with ctx.db.begin() as conn:
-            await tagging.change_rule(conn, shop, name, rule)
+            await tagging.change_rule(conn, shop, name, body.rule)
 
     @router.delete("/v1/tags/{name}", status_code=204)
-    async def delete_tag(name: str, principal: Auth, shop_id: ShopParam = None) -> None:
+    async def delete_tag(name: TagPath, principal: Auth, shop_id: ShopParam = None) -> None:
         """Delete a tag; its members lose it (each loss is an event)."""
         shop = principal.shop(shop_id)
         async with ctx.db.begin() as conn:
@@ -255,7 +271,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post("/v1/tags/{name}/customers", response_model=Changed)
     async def assign(
-        name: str, body: Members, principal: Auth, shop_id: ShopParam = None
+        name: TagPath, body: Members, principal: Auth, shop_id: ShopParam = None
     ) -> Changed:
         """Give a manual tag to customers."""
         shop = principal.shop(shop_id)
@@ -266,7 +282,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post("/v1/tags/{name}/customers/remove", response_model=Changed)
     async def unassign(
-        name: str, body: Members, principal: Auth, shop_id: ShopParam = None
+        name: TagPath, body: Members, principal: Auth, shop_id: ShopParam = None
     ) -> Changed:
         """Take a manual tag away from customers."""
         shop = principal.shop(shop_id)
@@ -277,7 +293,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post("/v1/tags/{name}/copy", response_model=Changed)
     async def copy_tag(
-        name: str, body: CopyTo, principal: Auth, shop_id: ShopParam = None
+        name: TagPath, body: CopyTo, principal: Auth, shop_id: ShopParam = None
     ) -> Changed:
         """Give the manual tag `to` to every customer holding `name`."""
         shop = principal.shop(shop_id)
@@ -290,7 +306,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.post("/v1/tags/{name}/move", response_model=Changed)
     async def move_tag(
-        name: str, body: CopyTo, principal: Auth, shop_id: ShopParam = None
+        name: TagPath, body: CopyTo, principal: Auth, shop_id: ShopParam = None
     ) -> Changed:
         """Move every customer from manual tag `name` to manual tag `to`."""
         shop = principal.shop(shop_id)
@@ -339,7 +355,6 @@ def build_router(ctx: ServiceContext) -> APIRouter:
     ) -> SegmentOut:
         """Save a filter over stage, tags, RFM values, level and city."""
         shop = principal.shop(shop_id)
-        rule = checked_rule(body.filter, "filter")
         segment_id = uuid.uuid4().hex[:12]
         async with ctx.db.begin() as conn:
             await conn.execute(
@@ -347,7 +362,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                     shop_id=shop,
                     segment_id=segment_id,
                     name=body.name,
-                    filter=orjson.dumps(dump_rule(rule)).decode(),
+                    filter=orjson.dumps(dump_rule(body.filter)).decode(),
                     created_at=now(),
                 )
             )
@@ -364,7 +379,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.get("/v1/segments/{segment_id}", response_model=SegmentOut)
     async def get_segment(
-        segment_id: str, principal: Auth, shop_id: ShopParam = None
+        segment_id: SegmentPath, principal: Auth, shop_id: ShopParam = None
     ) -> SegmentOut:
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
@@ -372,21 +387,22 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.put("/v1/segments/{segment_id}", response_model=SegmentOut)
     async def replace_segment(
-        segment_id: str, body: SegmentIn, principal: Auth, shop_id: ShopParam = None
+        segment_id: SegmentPath, body: SegmentIn, principal: Auth, shop_id: ShopParam = None
     ) -> SegmentOut:
         shop = principal.shop(shop_id)
-        rule = checked_rule(body.filter, "filter")
         async with ctx.db.begin() as conn:
             await segment(conn, shop, segment_id)
             await conn.execute(
                 segments.update()
                 .where(segments.c.shop_id == shop, segments.c.segment_id == segment_id)
-                .values(name=body.name, filter=orjson.dumps(dump_rule(rule)).decode())
+                .values(name=body.name, filter=orjson.dumps(dump_rule(body.filter)).decode())
             )
             return segment_out(await segment(conn, shop, segment_id))
 
     @router.delete("/v1/segments/{segment_id}", status_code=204)
-    async def delete_segment(segment_id: str, principal: Auth, shop_id: ShopParam = None) -> None:
+    async def delete_segment(
+        segment_id: SegmentPath, principal: Auth, shop_id: ShopParam = None
+    ) -> None:
         shop = principal.shop(shop_id)
         async with ctx.db.begin() as conn:
             await segment(conn, shop, segment_id)
@@ -397,7 +413,9 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             )
 
     @router.get("/v1/segments/{segment_id}/count", response_model=Count)
-    async def segment_count(segment_id: str, principal: Auth, shop_id: ShopParam = None) -> Count:
+    async def segment_count(
+        segment_id: SegmentPath, principal: Auth, shop_id: ShopParam = None
+    ) -> Count:
         """How many customers the segment holds right now."""
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
@@ -407,7 +425,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.get("/v1/segments/{segment_id}/customers", response_model=CustomerPage)
     async def segment_customers(
-        segment_id: str,
+        segment_id: SegmentPath,
         principal: Auth,
         shop_id: ShopParam = None,
         cursor: Annotated[str | None, Query(max_length=500)] = None,
@@ -430,7 +448,7 @@ def build_router(ctx: ServiceContext) -> APIRouter:
 
     @router.get("/v1/segments/{segment_id}/export.csv", response_class=StreamingResponse)
     async def export_segment(
-        segment_id: str, principal: Auth, shop_id: ShopParam = None
+        segment_id: SegmentPath, principal: Auth, shop_id: ShopParam = None
     ) -> StreamingResponse:
         """The segment as CSV, streamed: rows are read and sent a thousand at a time."""
         shop = principal.shop(shop_id)
@@ -510,21 +528,6 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             raise Problem(404, f"no customer {customer_id!r} in shop {shop!r}")
 
     return router
-
-
-def checked_rule(value: dict[str, Any], field: str) -> Rule:
-    """Parse a rule from a request, answering 422 with the path of what is wrong."""
-    try:
-        return parse_rule(value)
-    except ValidationError as exc:
-        raise Problem(
-            422,
-            "the rule is not valid",
-            errors=[
-                {"field": ".".join([field, *(str(p) for p in err["loc"])]), "message": err["msg"]}
-                for err in exc.errors()
-            ],
-        ) from None
 
 
 def _csv_value(value: Any) -> Any:

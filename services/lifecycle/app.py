@@ -9,13 +9,13 @@ from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subsc
 from libs.common.timers import Timer
 from services.lifecycle import migrations
 from services.lifecycle.api import build_router
-from services.lifecycle.handlers import (
+from services.lifecycle.derivation import (
     RESTAGE_SHOP_TIMER,
     RESTAGE_TIMER,
-    apply_events,
     on_restage_shop_timers,
     on_restage_timers,
 )
+from services.lifecycle.handlers import apply_events
 
 GROUP = "lifecycle"
 

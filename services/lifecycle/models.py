@@ -38,12 +38,15 @@ customers = Table(
     Column("stage_changed_at", UtcDateTime()),
     Column("is_returning", Boolean, nullable=False, server_default="0"),
     Column("member_level", String(16)),
-    Column("item_count", Integer, nullable=False, server_default="0"),
+    Column("item_count", BigInteger, nullable=False, server_default="0"),
     Column("aov_minor", BigInteger, nullable=False, server_default="0"),
     Column("province", String(100)),
     Column("city", String(100)),
-    Column("source", String(64)),
+    Column("source", String(200)),
     Column("merged_into", String(200)),
+    Column("name_at", UtcDateTime()),
+    Column("phone_at", UtcDateTime()),
+    Column("email_at", UtcDateTime()),
     Index("ix_customers_shop_stage", "shop_id", "stage"),
     Index("ix_customers_shop_last_order", "shop_id", "last_order_at"),
     Index("ix_customers_shop_city", "shop_id", "city"),
@@ -62,7 +65,7 @@ orders = Table(
     Column("total_minor", BigInteger),
     Column("currency", String(3)),
     Column("refunded_minor", BigInteger, nullable=False, server_default="0"),
-    Column("item_count", Integer, nullable=False, server_default="0"),
+    Column("item_count", Integer),
     Column("shipping_province", String(100)),
     Column("shipping_city", String(100)),
     Column("created_at", UtcDateTime()),
@@ -72,10 +75,16 @@ orders = Table(
     Column("cancelled_at", UtcDateTime()),
     Column("refunded_at", UtcDateTime()),
     Column("data_time", UtcDateTime(), nullable=False),
+    Column("owner_rank", Integer, nullable=False, server_default="0"),
+    Column("owner_at", UtcDateTime()),
+    Column("total_at", UtcDateTime()),
+    Column("items_at", UtcDateTime()),
+    Column("shipping_at", UtcDateTime()),
     Index("ix_orders_shop_customer", "shop_id", "customer_id"),
 )
-"""One row per order whatever the order its events arrive in: per-status times keep the
-earliest time seen, descriptive fields come from the newest event, refunds add up."""
+"""One row per order whatever the order its events arrive in (`orders.ORDER_MERGE`); each
+`*_at` beside a group of columns is the time of the event the group came from, and
+`owner_rank`/`owner_at` say how strongly and when the owner was named."""
 
 customer_identities = Table(
     "customer_identities",
@@ -97,6 +106,16 @@ order_tracking = Table(
     Column("status", String(32)),
     Column("updated_at", UtcDateTime()),
 )
+
+parcels = Table(
+    "parcels",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("tracking_number", String(100), primary_key=True),
+    Column("status", String(32), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+)
+"""The newest carrier status of each parcel, known even before its order is."""
 
 stage_history = Table(
     "stage_history",

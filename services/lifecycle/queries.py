@@ -9,13 +9,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import BigInteger, Select, String, Subquery, and_, case, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from libs.common.db.dialect import microseconds_between
+from libs.common.db.types import UtcDateTime
 from libs.common.events import Money
 from libs.common.problems import Problem
-from services.lifecycle.handlers import derive
 from services.lifecycle.models import (
     customer_notes,
     customer_tags,
@@ -24,6 +25,7 @@ from services.lifecycle.models import (
     orders,
     stage_history,
 )
+from services.lifecycle.rules import recency_between
 from services.lifecycle.schemas import CustomerOut, Figures, OrderOut, Rfm, TimelineEntry
 from services.lifecycle.stages import STAGES, StagePolicy
 
@@ -86,7 +88,7 @@ def order_out(row: Any, tracking: list[dict[str, Any]]) -> OrderOut:
         status=row.status,
         total=_money(row.total_minor, row.currency),
         refunded=_money(row.refunded_minor, row.currency) if row.refunded_minor else None,
-        item_count=row.item_count,
+        item_count=row.item_count or 0,  # None: no event listed its items
         shipping_province=row.shipping_province,
         shipping_city=row.shipping_city,
         tracking=tracking,
@@ -184,12 +186,12 @@ class ListFilter:
                 .exists()
             )
         if self.q:
-            like = f"%{self.q}%"
+            # `%` and `_` in q are plain characters (autoescape), not LIKE wildcards.
             conditions.append(
                 or_(
-                    c.name.ilike(like),
-                    c.phone.like(like),
-                    c.email.ilike(like),
+                    c.name.icontains(self.q, autoescape=True),
+                    c.phone.contains(self.q, autoescape=True),
+                    c.email.icontains(self.q, autoescape=True),
                     c.customer_id == self.q,
                 )
             )
@@ -197,14 +199,13 @@ class ListFilter:
             (c.frequency, self.min_frequency, self.max_frequency),
             (c.monetary_minor, self.min_monetary, self.max_monetary),
         ):
+            # Bound as BIGINT: a bound past the int32 `frequency` column is no error.
             if low is not None:
-                conditions.append(column >= low)
+                conditions.append(column >= literal(low, BigInteger()))
             if high is not None:
-                conditions.append(column <= high)
-        if self.min_recency_days is not None:
-            conditions.append(c.last_order_at <= now - timedelta(days=self.min_recency_days))
-        if self.max_recency_days is not None:
-            conditions.append(c.last_order_at > now - timedelta(days=self.max_recency_days + 1))
+                conditions.append(column <= literal(high, BigInteger()))
+        if self.min_recency_days is not None or self.max_recency_days is not None:
+            conditions.append(recency_between(self.min_recency_days, self.max_recency_days, now))
         return conditions
 
 
@@ -212,10 +213,17 @@ def _cursor_encode(value: Any, customer_id: str) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([value, customer_id])).decode()
 
 
-def _cursor_decode(cursor: str) -> tuple[Any, str]:
+def _cursor_decode(cursor: str, numeric: bool) -> tuple[Any, str]:
+    """The sort value and customer id a cursor carries; 422 unless they are what
+    `_cursor_encode` writes for this sort (a 64-bit integer for the numeric sorts; an id
+    the database can bind), so a forged cursor cannot reach the database as a bad value."""
     try:
         value, customer_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return value, str(customer_id)
+        if not isinstance(customer_id, str) or "\x00" in customer_id:
+            raise ValueError("customer id")
+        if numeric and (type(value) is not int or not -(2**63) <= value < 2**63):
+            raise ValueError("sort value")
+        return value, customer_id
     except Exception:
         raise Problem(
             422,
@@ -237,13 +245,13 @@ async def page(
     """A keyset-paginated page of `query` (a select of customers) in `sort` order."""
     column, descending = SORTS[sort]
     if cursor:
-        value, after = _cursor_decode(cursor)
+        value, after = _cursor_decode(cursor, numeric=column is not c.customer_id)
         if column is c.customer_id:
             query = query.where(c.customer_id > after)
-        elif descending:
-            query = query.where(or_(column < value, and_(column == value, c.customer_id > after)))
         else:
-            query = query.where(or_(column > value, and_(column == value, c.customer_id > after)))
+            key = literal(value, BigInteger())  # any 64-bit value, even past int32 `frequency`
+            beyond = column < key if descending else column > key
+            query = query.where(or_(beyond, and_(column == key, c.customer_id > after)))
     order = column.desc() if descending else column.asc()
     ordering = [c.customer_id] if column is c.customer_id else [order, c.customer_id]
     rows = (await conn.execute(query.order_by(*ordering).limit(limit + 1))).all()
@@ -333,215 +341,254 @@ async def timeline(conn: AsyncConnection, shop_id: str, customer_id: str) -> lis
     return sorted(entries, key=lambda e: e.at, reverse=True)
 
 
+PERCENTILES = {"p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
+
+
+def _purchased(at: datetime | None = None) -> ColumnElement[bool]:
+    """The order reached `paid` or a later status (by `at`, when given): a purchase."""
+    o = orders.c
+    times = (o.paid_at, o.shipped_at, o.completed_at, o.refunded_at)
+    if at is None:
+        return or_(*(t.is_not(None) for t in times))
+    return or_(*(t <= _utc(at) for t in times))
+
+
+def _utc(at: datetime) -> ColumnElement[datetime]:
+    return literal(at, UtcDateTime())
+
+
 async def repurchase_cycle(conn: AsyncConnection, shop_id: str) -> dict[str, float | int | None]:
     """The shop's repurchase cycle: percentiles of the days between a customer's
-    consecutive purchases (nearest-rank), over every customer of the shop."""
+    consecutive purchases (nearest-rank), over every customer of the shop.
+
+    Computed in the database, so memory stays flat however many orders the shop has: a
+    window (`lag`) pairs each purchase with the customer's previous one, one count says how
+    many gaps there are, and one ranking (`row_number` by the gap's exact length in
+    microseconds) returns just the four gaps at the nearest ranks; their lengths in days
+    are taken in Python from the two times, as exactly as before."""
     o = orders.c
-    purchased = or_(
-        o.paid_at.is_not(None),
-        o.shipped_at.is_not(None),
-        o.completed_at.is_not(None),
-        o.refunded_at.is_not(None),
+    previous = func.lag(o.created_at, type_=UtcDateTime()).over(
+        partition_by=o.customer_id, order_by=o.created_at
     )
-    gaps: list[float] = []
-    previous: tuple[str, datetime] | None = None
-    result = await conn.stream(
-        select(o.customer_id, o.created_at)
-        .where(o.shop_id == shop_id, purchased, o.created_at.is_not(None))
-        .order_by(o.customer_id, o.created_at)
+    steps = (
+        select(o.created_at.label("at"), previous.label("previous"))
+        .where(o.shop_id == shop_id, _purchased(), o.created_at.is_not(None))
+        .subquery("steps")
     )
-    async for customer_id, created_at in result:
-        if previous is not None and previous[0] == customer_id:
-            gaps.append((created_at - previous[1]).total_seconds() / 86400)
-        previous = (customer_id, created_at)
-    gaps.sort()
-
-    def rank(q: float) -> float | None:
-        if not gaps:
-            return None
-        return round(gaps[max(0, min(len(gaps) - 1, int(q * len(gaps) + 0.999999) - 1))], 2)
-
-    return {
-        "repeat_purchases": len(gaps),
-        "p25": rank(0.25),
-        "p50": rank(0.5),
-        "p75": rank(0.75),
-        "p90": rank(0.9),
+    gaps = (
+        select(
+            steps.c.at,
+            steps.c.previous,
+            microseconds_between(conn, steps.c.at, steps.c.previous).label("length"),
+        )
+        .where(steps.c.previous.is_not(None))
+        .subquery("gaps")
+    )
+    n = int((await conn.execute(select(func.count()).select_from(gaps))).scalar_one())
+    cycle: dict[str, float | int | None] = {"repeat_purchases": n}
+    if not n:
+        return cycle | dict.fromkeys(PERCENTILES)
+    # The nearest rank (1-based) of each percentile, as the sorted list was indexed before.
+    ranks = {
+        name: max(0, min(n - 1, int(q * n + 0.999999) - 1)) + 1 for name, q in PERCENTILES.items()
     }
+    ranked = select(
+        gaps.c.at, gaps.c.previous, func.row_number().over(order_by=gaps.c.length).label("rank")
+    ).subquery("ranked")
+    days = {
+        r.rank: (r.at - r.previous).total_seconds() / 86400
+        for r in await conn.execute(
+            select(ranked.c.rank, ranked.c.at, ranked.c.previous).where(
+                ranked.c.rank.in_(set(ranks.values()))
+            )
+        )
+    }
+    return cycle | {name: round(days[rank], 2) for name, rank in ranks.items()}
 
 
 async def figures_now(conn: AsyncConnection, shop_id: str, now: datetime) -> Figures:
-    """Headline figures from the live profiles."""
-    rows = (
-        await conn.execute(
-            select(
-                c.stage,
-                c.frequency,
-                c.monetary_minor,
-                c.currency,
-                c.member_level,
-                c.first_order_at,
-                c.last_order_at,
-                c.last_interest_at,
-            ).where(c.shop_id == shop_id, c.merged_into.is_(None))
+    """Headline figures from the live profiles, aggregated in the database."""
+    people = (
+        select(
+            c.stage,
+            c.frequency,
+            c.monetary_minor.label("monetary"),
+            c.currency,
+            c.member_level,
+            c.first_order_at,
+            c.last_order_at,
+            c.last_interest_at,
         )
-    ).all()
-    return _figures(
-        now,
-        [
-            _Person(
-                r.stage,
-                r.frequency,
-                r.monetary_minor,
-                r.currency,
-                r.member_level,
-                r.first_order_at,
-                r.last_order_at,
-                r.last_interest_at,
-            )
-            for r in rows
-        ],
+        .where(c.shop_id == shop_id, c.merged_into.is_(None))
+        .subquery("people")
     )
+    return await _figures(conn, people, now)
 
 
 async def figures_as_of(
     conn: AsyncConnection, shop_id: str, at: datetime, policy: StagePolicy
 ) -> Figures:
     """The same figures as they stood at `at`, recomputed from the orders placed by then
-    (interest before `at` counts unpaid orders placed; carts are not kept per event)."""
-    people: dict[str, list[Any]] = {}
-    for o in await conn.execute(
-        select(orders).where(orders.c.shop_id == shop_id, orders.c.created_at <= at)
-    ):
-        people.setdefault(o.customer_id, []).append(_as_of(o, at))
-    merged = set(
-        (
-            await conn.execute(
-                select(c.customer_id).where(c.shop_id == shop_id, c.merged_into.is_not(None))
-            )
-        ).scalars()
+    (interest before `at` counts unpaid orders placed; carts are not kept per event).
+
+    In the database too: one row per customer with an order placed by `at` (purchases as
+    known at `at`: statuses reached later and refunds made later do not count), its stage
+    and level derived as `derivation.derive` would (`stages.stage_of`, `stages.member_level`
+    written as CASE over the policy's thresholds), then the same aggregate as `figures_now`.
+    Of several currencies among a customer's purchases the smallest code stands for them
+    (a shop sells in one)."""
+    o = orders.c
+    known = _purchased(at)
+    refunded = case((o.refunded_at <= _utc(at), o.refunded_minor), else_=0)
+    net = func.coalesce(o.total_minor, 0) - refunded
+    merged = (
+        select(c.customer_id)
+        .where(c.shop_id == o.shop_id, c.customer_id == o.customer_id, c.merged_into.is_not(None))
+        .exists()
     )
-    persons = []
-    for cid, rows in people.items():
-        if cid in merged:
-            continue
-        interest = max((r.created_at for r in rows if r.created_at), default=None)
-        before = _Before(last_interest_at=interest, currency=None, province=None, city=None)
-        d = derive(before, rows, policy, at)
-        persons.append(
-            _Person(
-                d.stage,
-                d.frequency,
-                d.monetary,
-                d.currency,
-                d.level,
-                d.first_order_at,
-                d.last_order_at,
-                interest,
-            )
+    d = (
+        select(
+            o.customer_id,
+            func.sum(case((known, 1), else_=0)).label("frequency"),
+            func.sum(case((and_(known, net > 0), net), else_=0)).label("monetary"),
+            func.min(case((known, o.currency))).label("currency"),
+            func.min(case((known, o.created_at))).label("first_order_at"),
+            func.max(case((known, o.created_at))).label("last_order_at"),
+            func.max(o.created_at).label("last_interest_at"),
         )
-    return _figures(at, persons)
+        .where(o.shop_id == shop_id, o.created_at <= _utc(at), ~merged)
+        .group_by(o.customer_id)
+        .subquery("derived")
+    ).c
+    people = select(
+        _stage_sql(d.frequency, d.last_order_at, d.last_interest_at, at, policy).label("stage"),
+        d.frequency,
+        d.monetary,
+        d.currency,
+        _level_sql(d.monetary, d.frequency, policy).label("member_level"),
+        d.first_order_at,
+        d.last_order_at,
+        d.last_interest_at,
+    ).subquery("people")
+    return await _figures(conn, people, at)
 
 
-@dataclass(frozen=True)
-class _Before:
-    last_interest_at: datetime | None
-    currency: str | None
-    province: str | None
-    city: str | None
+def _stage_sql(
+    frequency: ColumnElement[int],
+    last_order_at: ColumnElement[datetime],
+    last_interest_at: ColumnElement[datetime],
+    now: datetime,
+    policy: StagePolicy,
+) -> ColumnElement[str]:
+    """`stages.stage_of` as SQL (each boundary belongs to the later stage): `now - t < N
+    days` is `t > now - N days`; a customer with a purchase has a last order."""
 
+    def within(t: ColumnElement[datetime], days: int) -> ColumnElement[bool]:
+        return t > _utc(now - timedelta(days=days))
 
-@dataclass(frozen=True)
-class _OrderAsOf:
-    order_id: str
-    total_minor: int | None
-    currency: str | None
-    refunded_minor: int
-    item_count: int
-    shipping_province: str | None
-    shipping_city: str | None
-    created_at: datetime | None
-    paid_at: datetime | None
-    shipped_at: datetime | None
-    completed_at: datetime | None
-    refunded_at: datetime | None
-    data_time: datetime
-
-
-def _as_of(o: Any, at: datetime) -> _OrderAsOf:
-    def known(value: datetime | None) -> datetime | None:
-        return value if value is not None and value <= at else None
-
-    refunded = o.refunded_minor if known(o.refunded_at) else 0
-    return _OrderAsOf(
-        o.order_id,
-        o.total_minor,
-        o.currency,
-        refunded,
-        o.item_count,
-        o.shipping_province,
-        o.shipping_city,
-        o.created_at,
-        known(o.paid_at),
-        known(o.shipped_at),
-        known(o.completed_at),
-        known(o.refunded_at),
-        o.data_time,
+    return case(
+        (
+            frequency == 0,
+            case(
+                (within(last_interest_at, policy.interested_days), "interested"),
+                else_="prospect",
+            ),
+        ),
+        (
+            within(last_order_at, policy.after_sale_days),
+            case((frequency == 1, "new"), else_="after_sale"),
+        ),
+        (within(last_order_at, policy.silent_after_days), "active"),
+        (within(last_order_at, policy.sleeping_after_days), "silent"),
+        (within(last_order_at, policy.churned_after_days), "sleeping"),
+        else_="churned",
     )
 
 
-@dataclass(frozen=True)
-class _Person:
-    stage: str
-    frequency: int
-    monetary: int
-    currency: str | None
-    level: str | None
-    first_order_at: datetime | None
-    last_order_at: datetime | None
-    last_interest_at: datetime | None
+def _level_sql(
+    monetary: ColumnElement[int], frequency: ColumnElement[int], policy: StagePolicy
+) -> ColumnElement[str]:
+    """`stages.member_level` as SQL: the highest level whose threshold is reached (NULL:
+    none is)."""
+    value = monetary if policy.level_basis == "spend" else frequency
+    none = literal(None, String())
+    if not policy.levels:
+        return none
+    return case(
+        *((value >= level.threshold, level.name) for level in reversed(policy.levels)),
+        else_=none,
+    )
 
 
-def _figures(now: datetime, people: list[_Person]) -> Figures:
+async def _figures(conn: AsyncConnection, people: Subquery, now: datetime) -> Figures:
+    """The figures of `people` (a row per customer: stage, frequency, monetary, currency,
+    member_level and the first order, last order and last interest times) at `now`, from
+    one aggregate per stage: a handful of rows, however many customers there are."""
+    p = people.c
+    buyer = p.frequency > 0
+    first_time, returning = p.frequency == 1, p.frequency > 1
+
+    def count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
+        return func.sum(case((condition, 1), else_=0))
+
+    def sum_if(condition: ColumnElement[bool], value: ColumnElement[int]) -> ColumnElement[int]:
+        return func.sum(case((condition, value), else_=0))
+
+    def since(days: int) -> ColumnElement[datetime]:
+        return _utc(now - timedelta(days=days))
+
+    rows = (
+        await conn.execute(
+            select(
+                p.stage,
+                func.count().label("people"),
+                count_if(buyer).label("buyers"),
+                count_if(returning).label("repeat_buyers"),
+                sum_if(first_time, p.frequency).label("first_orders"),
+                sum_if(first_time, p.monetary).label("first_spend"),
+                sum_if(returning, p.frequency).label("returning_orders"),
+                sum_if(returning, p.monetary).label("returning_spend"),
+                count_if(and_(p.frequency == 0, p.last_interest_at > since(30))).label(
+                    "interested_30d"
+                ),
+                count_if(and_(buyer, p.last_order_at > since(365))).label("buyers_365d"),
+                count_if(p.member_level.is_not(None)).label("members"),
+                count_if(and_(buyer, p.first_order_at > since(7))).label("new_customers_7d"),
+                func.min(case((buyer, p.currency))).label("currency"),
+            ).group_by(p.stage)
+        )
+    ).all()
     stages = dict.fromkeys(STAGES, 0)
-    for p in people:
-        stages[p.stage] += 1
-    buyers = [p for p in people if p.frequency > 0]
-    returning = [p for p in buyers if p.frequency > 1]
-    first_time = [p for p in buyers if p.frequency == 1]
-    currency = next((p.currency for p in buyers if p.currency), None)
+    stages.update({r.stage: int(r.people) for r in rows})
 
-    def aov(group: list[_Person]) -> Money | None:
-        orders_count = sum(p.frequency for p in group)
+    def total(name: str) -> int:
+        return sum(int(getattr(r, name)) for r in rows)
+
+    currency = min((r.currency for r in rows if r.currency is not None), default=None)
+
+    def aov(orders_count: int, spend: int) -> Money | None:
         if not orders_count or currency is None:
             return None
-        return Money(amount_minor=sum(p.monetary for p in group) // orders_count, currency=currency)
+        return Money(amount_minor=spend // orders_count, currency=currency)
+
+    by_stage = {r.stage: r for r in rows}
 
     def rate(stage: str) -> float | None:
-        in_stage = [p for p in people if p.stage == stage]
-        if not in_stage:
+        r = by_stage.get(stage)
+        if r is None:
             return None
-        return round(sum(1 for p in in_stage if p.frequency > 1) / len(in_stage), 4)
+        return round(int(r.repeat_buyers) / int(r.people), 4)
 
+    buyers = total("buyers")
     return Figures(
         as_of=now,
-        interested_30d=sum(
-            1
-            for p in people
-            if p.frequency == 0
-            and p.last_interest_at is not None
-            and p.last_interest_at > now - timedelta(days=30)
-        ),
-        buyers_365d=sum(
-            1 for p in buyers if p.last_order_at and p.last_order_at > now - timedelta(days=365)
-        ),
-        members=sum(1 for p in people if p.level is not None),
-        new_customers_7d=sum(
-            1 for p in buyers if p.first_order_at and p.first_order_at > now - timedelta(days=7)
-        ),
+        interested_30d=total("interested_30d"),
+        buyers_365d=total("buyers_365d"),
+        members=total("members"),
+        new_customers_7d=total("new_customers_7d"),
         stages=stages,
-        returning_share=round(len(returning) / len(buyers), 4) if buyers else None,
+        returning_share=round(total("repeat_buyers") / buyers, 4) if buyers else None,
         repurchase_rate_by_stage={stage: rate(stage) for stage in STAGES},
-        aov_new=aov(first_time),
-        aov_returning=aov(returning),
+        aov_new=aov(total("first_orders"), total("first_spend")),
+        aov_returning=aov(total("returning_orders"), total("returning_spend")),
     )

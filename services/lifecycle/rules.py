@@ -5,24 +5,39 @@ A rule is JSON. The grammar (every object takes exactly the keys shown):
     rule := {"all": [rule, ...]}                         every one holds (at least one rule)
           | {"any": [rule, ...]}                         at least one holds (at least one rule)
           | {"not": rule}
-          | {"field": NUM, "op": CMP, "value": int}
-          | {"field": NUM, "op": "between", "value": [lo, hi]}      lo <= x <= hi, lo <= hi
+          | {"field": AMOUNT, "op": CMP, "value": int}                 0 <= value <= 10^15
+          | {"field": AMOUNT, "op": "between", "value": [lo, hi]}     lo <= x <= hi, lo <= hi
+          | {"field": "recency_days", "op": CMP, "value": int}   -36500 <= value <= 36500
+          | {"field": "recency_days", "op": "between", "value": [lo, hi]}   (same bounds)
           | {"field": TEXT, "op": "eq" | "ne", "value": str}
           | {"field": TEXT, "op": "in" | "not_in", "value": [str, ...]}   (at least one)
           | {"field": TEXT | "recency_days", "op": "is_null" | "not_null"}
           | {"field": "returning", "op": "eq", "value": true | false}
           | {"has_tag": str}
           | {"member_level_at_least": str}
-    NUM   := frequency | monetary_minor | aov_minor | item_count | recency_days
-    CMP   := eq | ne | gt | gte | lt | lte
-    TEXT  := stage | member_level | city | province | source
+    AMOUNT := frequency | monetary_minor | aov_minor | item_count
+    CMP    := eq | ne | gt | gte | lt | lte
+    TEXT   := stage | member_level | city | province | source
 
-Numbers are JSON integers (the fields are counts and minor units; 3.0, "3" and booleans
-are refused) within the signed 64-bit range. Text matches exactly (case-sensitive); `stage`
-values must be one of `stages.STAGES`. A rule nests at most `MAX_DEPTH` (8) deep, counting
-the leaf, and has at most `MAX_NODES` (100) parts (combinators and leaves alike). Anything
-else is a pydantic `ValidationError` whose `loc` is the path of the failing part inside the
-JSON, e.g. `("all", 1, "not", "value")`.
+Numbers are JSON integers (3.0, "3" and booleans are refused) within these bounds, so
+nothing an operator saves can overflow later (a date `N days` away, a 64-bit column):
+- counts and money (`AMOUNT`: purchases, items, minor units of net spend and of the average
+  order): 0 to `AMOUNT_MAX` (10^15, ten trillion yuan in fen, and below 2^53 so every
+  JSON parser reads it exactly). None of them is ever negative, so a negative bound could
+  only make a rule trivially true or false; it is refused.
+- `recency_days`: -`RECENCY_DAYS_MAX` to `RECENCY_DAYS_MAX` (36500, a century: ten times the
+  longest stage threshold a policy may set, 3650). Negative recency is meaningful: a last
+  order dated after `now` (a platform's clock ahead of ours) has it.
+Rules stored before these bounds existed may hold any signed 64-bit integer: `parse_rule`
+reads them (`bounded=True` is what the API asks for), and evaluation, SQL and
+`recency_thresholds` never raise on them (see below).
+
+Text matches exactly (case-sensitive); `stage` values must be one of `stages.STAGES`. A rule
+nests at most `MAX_DEPTH` (8) deep, counting the leaf, and has at most `MAX_NODES` (100)
+parts (combinators and leaves alike). Anything else is a pydantic `ValidationError` whose
+`loc` is the path of the failing part inside the JSON, e.g. `("all", 1, "not", "value")`.
+`Rule` as a field type validates the same way with the bounds (its JSON schema is the
+grammar's, bounds included), though its `loc` also names the union's member models.
 
 Null semantics, identical in Python and SQL: every comparison on a missing value is false,
 `ne` and `not_in` included (a customer with no city is neither `city eq "X"` nor
@@ -34,13 +49,16 @@ Recency: `recency_days` is the number of whole days (24 hours of elapsed time, z
 since the last purchase, floor((now - last_order_at) / 1 day): 0 during the first 24 hours,
 1 from exactly 24 hours on; negative if the last order lies after `now`. A customer who never
 bought has none (null), so every recency comparison is false for them. In SQL it compiles
-to exact comparisons of `last_order_at` with `now - N days`:
+to exact comparisons of `last_order_at` with `now - N days` (`recency_between`):
     recency >= N  <=>  last_order_at <= now - N days
     recency <= N  <=>  last_order_at >  now - (N + 1) days
 which agree to the microsecond on PostgreSQL (timestamptz) and SQLite (naive UTC text in one
-fixed format, compared as text). `recency_thresholds` lists the N at which a rule's truth can
-change with time alone: the instants `last_order_at + N days`. (The `stage` field also moves
-with time, through the stage timers; rules over it are re-evaluated when the stage changes.)
+fixed format, compared as text); a cutoff beyond the range of dates compiles to the constant
+it stands for. `recency_thresholds` lists the N at which a rule's truth can change with time
+alone: the instants `last_order_at + N days`, for |N| <= RECENCY_DAYS_MAX + 1 (farther ones,
+only in rules stored before the bounds, are a century or more away and left out). (The
+`stage` field also moves with time, through the stage timers; rules over it are re-evaluated
+when the stage changes.)
 """
 
 from __future__ import annotations
@@ -66,7 +84,6 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
-    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -89,9 +106,15 @@ from services.lifecycle.stages import STAGES
 MAX_DEPTH = 8
 MAX_NODES = 100
 DEFAULT_LEVEL_ORDER: tuple[str, ...] = ("VIP1", "VIP2", "VIP3")
+AMOUNT_MAX = 10**15
+"""Largest count or amount of money (minor units) a rule may compare with (0 the least)."""
+RECENCY_DAYS_MAX = 36_500
+"""Largest |recency_days| a rule may compare with: a century."""
 
+AmountField = Literal["frequency", "monetary_minor", "aov_minor", "item_count"]
 NumericField = Literal["frequency", "monetary_minor", "aov_minor", "item_count", "recency_days"]
 TextField = Literal["stage", "member_level", "city", "province", "source"]
+PlainTextField = Literal["member_level", "city", "province", "source"]
 NullableField = Literal["stage", "member_level", "city", "province", "source", "recency_days"]
 CompareOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]
 
@@ -103,6 +126,9 @@ _NULL_OPS = frozenset({"is_null", "not_null"})
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+_STORED = "huitou_stored_rule"
+"""Validation context key: the rule was read back from storage, so numbers need only be
+64-bit integers (rules saved before the bounds existed must still load)."""
 
 # Custom error types and their message templates (kept here so `parse_rule` can re-raise
 # them with the tags of the tagged union taken out of `loc`).
@@ -155,16 +181,47 @@ def _text_op(value: Any) -> Any:
     return value
 
 
-def _check_stages(field: object, values: Iterable[str]) -> None:
-    if field == "stage":
-        for value in values:
-            if value not in STAGES:
-                raise _error("rule_stage", stage=value, stages=", ".join(STAGES))
+def _known_stages(values: list[str]) -> list[str]:
+    for value in values:
+        if value not in STAGES:
+            raise _error("rule_stage", stage=value, stages=", ".join(STAGES))
+    return values
+
+
+def _known_stage(value: str) -> str:
+    return _known_stages([value])[0]
 
 
 Int64 = Annotated[int, Strict(), Field(ge=_INT64_MIN, le=_INT64_MAX)]
-Text = Annotated[str, Strict(), Field(max_length=200), AfterValidator(_storable)]
-Name = Annotated[str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_storable)]
+_INT64: TypeAdapter[int] = TypeAdapter(Int64)
+
+
+def _bounded_unless_stored(
+    value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+) -> Any:
+    if info.context is not None and info.context.get(_STORED):
+        return _INT64.validate_python(value)
+    return handler(value)
+
+
+Amount = Annotated[int, Strict(), Field(ge=0, le=AMOUNT_MAX), WrapValidator(_bounded_unless_stored)]
+RecencyDays = Annotated[
+    int,
+    Strict(),
+    Field(ge=-RECENCY_DAYS_MAX, le=RECENCY_DAYS_MAX),
+    WrapValidator(_bounded_unless_stored),
+]
+_NO_NUL = {"pattern": "^[^\\u0000]*$"}  # in the JSON schema; `_storable` checks it
+Text = Annotated[
+    str, Strict(), Field(max_length=200, json_schema_extra=_NO_NUL), AfterValidator(_storable)
+]
+Name = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=64, json_schema_extra=_NO_NUL),
+    AfterValidator(_storable),
+]
+StageName = Annotated[Text, Field(json_schema_extra={"enum": list(STAGES)})]
 
 
 class _Node(BaseModel):
@@ -202,47 +259,60 @@ class Not(_Combinator):
     not_: Rule = Field(alias="not")
 
 
-class NumericCompare(_Node):
-    field: Annotated[NumericField, BeforeValidator(_known_field)]
+def _ordered(value: tuple[int, int]) -> tuple[int, int]:
+    if value[0] > value[1]:
+        raise _error("rule_bounds")
+    return value
+
+
+class AmountCompare(_Node):
+    field: Annotated[AmountField, BeforeValidator(_known_field)]
     op: Annotated[CompareOp, BeforeValidator(_numeric_op)]
-    value: Int64
+    value: Amount
 
 
-class NumericBetween(_Node):
-    field: NumericField
+class AmountBetween(_Node):
+    field: AmountField
     op: Literal["between"]
-    value: tuple[Int64, Int64]
+    value: Annotated[tuple[Amount, Amount], AfterValidator(_ordered)]
 
-    @field_validator("value")
-    @classmethod
-    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if value[0] > value[1]:
-            raise _error("rule_bounds")
-        return value
+
+class RecencyCompare(_Node):
+    field: Literal["recency_days"]
+    op: Annotated[CompareOp, BeforeValidator(_numeric_op)]
+    value: RecencyDays
+
+
+class RecencyBetween(_Node):
+    field: Literal["recency_days"]
+    op: Literal["between"]
+    value: Annotated[tuple[RecencyDays, RecencyDays], AfterValidator(_ordered)]
 
 
 class TextCompare(_Node):
-    field: TextField
+    field: PlainTextField
     op: Annotated[Literal["eq", "ne"], BeforeValidator(_text_op)]
     value: Text
 
-    @field_validator("value")
-    @classmethod
-    def _stage(cls, value: str, info: ValidationInfo) -> str:
-        _check_stages(info.data.get("field"), [value])
-        return value
-
 
 class TextIn(_Node):
-    field: TextField
+    field: PlainTextField
     op: Literal["in", "not_in"]
     value: Annotated[list[Text], Field(min_length=1, max_length=1000)]
 
-    @field_validator("value")
-    @classmethod
-    def _stage(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        _check_stages(info.data.get("field"), value)
-        return value
+
+class StageCompare(_Node):
+    field: Literal["stage"]
+    op: Annotated[Literal["eq", "ne"], BeforeValidator(_text_op)]
+    value: Annotated[StageName, AfterValidator(_known_stage)]
+
+
+class StageIn(_Node):
+    field: Literal["stage"]
+    op: Literal["in", "not_in"]
+    value: Annotated[
+        list[StageName], Field(min_length=1, max_length=1000), AfterValidator(_known_stages)
+    ]
 
 
 class NullCheck(_Node):
@@ -285,14 +355,18 @@ def _rule_kind(value: Any) -> str | None:
     if field == "returning":
         return "ReturningIs"
     if field in TEXT_FIELDS:
-        if op in ("in", "not_in"):
-            return "TextIn"
-        return "NullCheck" if op in _NULL_OPS else "TextCompare"
-    if field == "recency_days" and op in _NULL_OPS:
-        return "NullCheck"
+        if op in _NULL_OPS:
+            return "NullCheck"
+        if field == "stage":
+            return "StageIn" if op in ("in", "not_in") else "StageCompare"
+        return "TextIn" if op in ("in", "not_in") else "TextCompare"
+    if field == "recency_days":
+        if op in _NULL_OPS:
+            return "NullCheck"
+        return "RecencyBetween" if op == "between" else "RecencyCompare"
     if op == "between" and field in NUMERIC_FIELDS:
-        return "NumericBetween"
-    return "NumericCompare"  # also reports unknown fields
+        return "AmountBetween"
+    return "AmountCompare"  # also reports unknown fields
 
 
 @dataclass
@@ -339,10 +413,14 @@ Rule: TypeAlias = Annotated[
     Annotated[AllOf, Tag("AllOf")]
     | Annotated[AnyOf, Tag("AnyOf")]
     | Annotated[Not, Tag("Not")]
-    | Annotated[NumericCompare, Tag("NumericCompare")]
-    | Annotated[NumericBetween, Tag("NumericBetween")]
+    | Annotated[AmountCompare, Tag("AmountCompare")]
+    | Annotated[AmountBetween, Tag("AmountBetween")]
+    | Annotated[RecencyCompare, Tag("RecencyCompare")]
+    | Annotated[RecencyBetween, Tag("RecencyBetween")]
     | Annotated[TextCompare, Tag("TextCompare")]
     | Annotated[TextIn, Tag("TextIn")]
+    | Annotated[StageCompare, Tag("StageCompare")]
+    | Annotated[StageIn, Tag("StageIn")]
     | Annotated[NullCheck, Tag("NullCheck")]
     | Annotated[ReturningIs, Tag("ReturningIs")]
     | Annotated[HasTag, Tag("HasTag")]
@@ -362,10 +440,14 @@ _TAGS = frozenset(
         "AllOf",
         "AnyOf",
         "Not",
-        "NumericCompare",
-        "NumericBetween",
+        "AmountCompare",
+        "AmountBetween",
+        "RecencyCompare",
+        "RecencyBetween",
         "TextCompare",
         "TextIn",
+        "StageCompare",
+        "StageIn",
         "NullCheck",
         "ReturningIs",
         "HasTag",
@@ -412,10 +494,13 @@ def _json_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     return tuple(out)
 
 
-def parse_rule(obj: object) -> Rule:
-    """A rule from its JSON value (already decoded); `ValidationError` if it is not one."""
+def parse_rule(obj: object, *, bounded: bool = False) -> Rule:
+    """A rule from its JSON value (already decoded); `ValidationError` if it is not one.
+
+    `bounded=True` holds its numbers to the grammar's bounds, as for a rule an operator
+    saves now; without, any 64-bit integer is read, as a stored rule may hold one."""
     try:
-        return _ADAPTER.validate_python(obj)
+        return _ADAPTER.validate_python(obj, context=None if bounded else {_STORED: True})
     except ValidationError as exc:
         errors: list[InitErrorDetails] = []
         for err in exc.errors():
@@ -518,16 +603,16 @@ def evaluate(
             return any(ev(c) for c in r.any)
         if isinstance(r, Not):
             return not ev(r.not_)
-        if isinstance(r, NumericCompare):
+        if isinstance(r, AmountCompare | RecencyCompare):
             x = _numeric_fact(r.field, facts, now)
             return x is not None and bool(_CMP[r.op](x, r.value))
-        if isinstance(r, NumericBetween):
+        if isinstance(r, AmountBetween | RecencyBetween):
             x = _numeric_fact(r.field, facts, now)
             return x is not None and r.value[0] <= x <= r.value[1]
-        if isinstance(r, TextCompare):
+        if isinstance(r, TextCompare | StageCompare):
             s: str | None = getattr(facts, r.field)
             return s is not None and (s == r.value if r.op == "eq" else s != r.value)
-        if isinstance(r, TextIn):
+        if isinstance(r, TextIn | StageIn):
             s = getattr(facts, r.field)
             return s is not None and ((s in r.value) == (r.op == "in"))
         if isinstance(r, NullCheck):
@@ -589,7 +674,8 @@ def _interval(op: str, value: int | tuple[int, int]) -> list[tuple[int | None, i
     return intervals[op]
 
 
-def _recency_sql(op: str, value: int | tuple[int, int], now: datetime) -> ColumnElement[bool]:
+def _within(lo: int | None, hi: int | None, now: datetime) -> ColumnElement[bool]:
+    """lo <= recency <= hi for a customer with a last order (None: unbounded)."""
     last = customers.c.last_order_at
 
     def at_least(n: int) -> ColumnElement[bool]:  # recency >= n
@@ -604,15 +690,25 @@ def _recency_sql(op: str, value: int | tuple[int, int], now: datetime) -> Column
         except OverflowError:
             return true() if n + 1 > 0 else false()
 
-    parts = []
-    for lo, hi in _interval(op, value):
-        bounds = []
-        if lo is not None:
-            bounds.append(at_least(lo))
-        if hi is not None:
-            bounds.append(at_most(hi))
-        parts.append(and_(*bounds))
-    return and_(last.is_not(None), or_(*parts))
+    bounds = []
+    if lo is not None:
+        bounds.append(at_least(lo))
+    if hi is not None:
+        bounds.append(at_most(hi))
+    return and_(true(), *bounds)
+
+
+def recency_between(lo: int | None, hi: int | None, now: datetime) -> ColumnElement[bool]:
+    """Customers whose recency at `now` lies in [lo, hi] (None: unbounded), as a condition
+    on `customers` rows; false for a customer who never bought. Never raises on a bound,
+    however large: a cutoff beyond the range of dates is the constant it stands for."""
+    now = _aware(now).astimezone(UTC)
+    return and_(customers.c.last_order_at.is_not(None), _within(lo, hi, now))
+
+
+def _recency_sql(op: str, value: int | tuple[int, int], now: datetime) -> ColumnElement[bool]:
+    parts = [_within(lo, hi, now) for lo, hi in _interval(op, value)]
+    return and_(customers.c.last_order_at.is_not(None), or_(*parts))
 
 
 def to_sql(
@@ -628,21 +724,21 @@ def to_sql(
             return or_(*(sql(c) for c in r.any))
         if isinstance(r, Not):
             return not_(sql(r.not_))
-        if isinstance(r, NumericCompare | NumericBetween):
-            if r.field == "recency_days":
-                return _recency_sql(r.op, r.value, now)
+        if isinstance(r, RecencyCompare | RecencyBetween):
+            return _recency_sql(r.op, r.value, now)
+        if isinstance(r, AmountCompare | AmountBetween):
             column = _NUMERIC_COLUMNS[r.field]
-            if isinstance(r, NumericBetween):
+            if isinstance(r, AmountBetween):
                 lo, hi = r.value
                 return and_(
                     column >= literal(lo, BigInteger()), column <= literal(hi, BigInteger())
                 )
             return _CMP[r.op](column, literal(r.value, BigInteger()))  # type: ignore[no-any-return]
-        if isinstance(r, TextCompare):
+        if isinstance(r, TextCompare | StageCompare):
             column = _TEXT_COLUMNS[r.field]
             match = column == r.value if r.op == "eq" else column != r.value
             return and_(column.is_not(None), match)
-        if isinstance(r, TextIn):
+        if isinstance(r, TextIn | StageIn):
             column = _TEXT_COLUMNS[r.field]
             match = column.in_(r.value) if r.op == "in" else column.not_in(r.value)
             return and_(column.is_not(None), match)
@@ -677,16 +773,20 @@ def to_sql(
 
 def recency_thresholds(rule: Rule) -> set[int]:
     """The day counts N at which the rule's truth can change with time alone, i.e. at
-    `last_order_at + N days` (a superset: a flip may be masked by the rest of the rule)."""
+    `last_order_at + N days` (a superset: a flip may be masked by the rest of the rule).
+
+    Only |N| <= RECENCY_DAYS_MAX + 1, every threshold of a rule within the bounds: a rule
+    stored before them may name farther ones, a century and more away, where no timer need
+    wait (and `last_order_at + N days` could lie beyond the year 9999)."""
     found: set[int] = set()
     stack: list[Rule] = [rule]
     while stack:
         r = stack.pop()
         stack.extend(_children(r))
-        if isinstance(r, NumericCompare | NumericBetween) and r.field == "recency_days":
+        if isinstance(r, RecencyCompare | RecencyBetween):
             for lo, hi in _interval(r.op, r.value):
                 if lo is not None:
                     found.add(lo)  # recency reaches lo
                 if hi is not None:
                     found.add(hi + 1)  # recency passes hi
-    return found
+    return {n for n in found if abs(n) <= RECENCY_DAYS_MAX + 1}

@@ -5,11 +5,29 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from libs.common.events import Money
+from services.lifecycle.rules import Rule, parse_rule
 
 TagName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\s/][^/]*$")]
+
+
+def _new_rule(value: Any) -> Rule:
+    return parse_rule(value, bounded=True)
+
+
+def _stored_rule(value: Any) -> Rule:
+    return parse_rule(value)
+
+
+# `parse_rule` runs first, so an error's location is the path inside the rule's JSON
+# (`rule.all.1.value`), not pydantic's path through the union's member models; the union
+# then takes the parsed rule as it is. The JSON schema is the grammar's, bounds included.
+NewRule = Annotated[Rule, BeforeValidator(_new_rule)]
+"""A rule an operator saves: numbers within the bounds of `services.lifecycle.rules`."""
+StoredRule = Annotated[Rule, BeforeValidator(_stored_rule)]
+"""A rule as saved: read with 64-bit numbers, as rules saved before the bounds may hold."""
 
 
 class OrderOut(BaseModel):
@@ -87,19 +105,19 @@ class TagIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: TagName
-    rule: dict[str, Any] | None = None
+    rule: NewRule | None = None
 
 
 class RuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rule: dict[str, Any]
+    rule: NewRule
 
 
 class TagOut(BaseModel):
     name: str
     kind: Literal["manual", "auto"]
-    rule: Any = None
+    rule: StoredRule | None = None
     customers: int
 
 
@@ -128,13 +146,13 @@ class SegmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    filter: dict[str, Any]
+    filter: NewRule
 
 
 class SegmentOut(BaseModel):
     segment_id: str
     name: str
-    filter: Any
+    filter: StoredRule
     created_at: datetime
 
 

@@ -116,6 +116,15 @@ def stage_of(facts: Facts, now: datetime, policy: StagePolicy = DEFAULT_POLICY) 
     return "churned"
 
 
+def days_after(at: datetime, days: int) -> datetime | None:
+    """`at` plus whole days, or None past the calendar's end (never due): times stored
+    before events were bounded must not make a customer unprocessable."""
+    try:
+        return at + timedelta(days=days)
+    except OverflowError:
+        return None
+
+
 def next_change_at(
     facts: Facts, now: datetime, policy: StagePolicy = DEFAULT_POLICY
 ) -> datetime | None:
@@ -123,16 +132,16 @@ def next_change_at(
     if facts.frequency == 0 or facts.last_order_at is None:
         if facts.last_interest_at is None:
             return None
-        at = facts.last_interest_at + timedelta(days=policy.interested_days)
-        return at if at > now else None
+        at = days_after(facts.last_interest_at, policy.interested_days)
+        return at if at is not None and at > now else None
     for days in (
         policy.after_sale_days,
         policy.silent_after_days,
         policy.sleeping_after_days,
         policy.churned_after_days,
     ):
-        at = facts.last_order_at + timedelta(days=days)
-        if at > now:
+        at = days_after(facts.last_order_at, days)
+        if at is not None and at > now:
             return at
     return None
 

@@ -20,7 +20,8 @@ from libs.common.db.dialect import insert_ignore
 from libs.common.outbox import enqueue
 from libs.common.problems import Problem
 from libs.common.timers import schedule
-from services.lifecycle.handlers import restage, restage_shop_timer, tag_event
+from services.lifecycle.derivation import restage, restage_shop_timer
+from services.lifecycle.emitted import tag_event
 from services.lifecycle.models import customer_tags, customers, tags
 from services.lifecycle.rules import Rule, dump_rule
 

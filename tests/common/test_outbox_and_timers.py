@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +18,15 @@ from libs.common.db.tables import dead_timers, outbox, processed_events, timers
 from libs.common.inbox import claim_new, pruner
 from libs.common.outbox import OutboxRelay, enqueue
 from libs.common.settings import Settings
-from libs.common.timers import Recurring, Timer, TimerWorker, cancel, schedule
+from libs.common.timers import (
+    Recurring,
+    Timer,
+    TimerHandler,
+    TimerWorker,
+    cancel,
+    retry_dead_timers,
+    schedule,
+)
 from tests.common import plumbing_migrations
 from tests.conftest import eventually
 
@@ -68,11 +77,20 @@ async def test_outbox_publishes_only_what_committed_once_each(
     relay = OutboxRelay(db, bus, "plumbing", batch_size=10)
     await relay.start()
     relay.notify()
-    await eventually(lambda: _true(len(seen) >= 25))
-    await asyncio.sleep(0.5)
+
+    async def relayed() -> bool:
+        return await count(db, outbox) == 0
+
+    await eventually(relayed)
     await relay.stop()
+    # Whatever the relay published lies before these on the partition of its key: once
+    # every marker is seen, a repeat of any message would have been seen too.
+    await bus.publish([Message(t, f"k{i}", b"marker") for i in range(25)])
+    await eventually(lambda: _true(sum(r.value == b"marker" for r in seen) == 25))
     await consumer.stop()
-    assert sorted(r.value for r in seen) == sorted(f"m{i}".encode() for i in range(25))
+    assert sorted(r.value for r in seen if r.value != b"marker") == sorted(
+        f"m{i}".encode() for i in range(25)
+    )
     assert await count(db, outbox) == 0
 
 
@@ -120,15 +138,15 @@ async def test_only_due_timers_fire_and_their_effect_commits_with_them(db: Datab
         await schedule(
             conn,
             [
-                Timer("a", "remind", "shop", NOW - timedelta(seconds=5), {"n": 1}),
-                Timer("b", "remind", "shop", NOW, {"n": 2}),
-                Timer("later", "remind", "shop", NOW + timedelta(hours=1)),
+                Timer("shop|a", "remind", "shop", NOW - timedelta(seconds=5), {"n": 1}),
+                Timer("shop|b", "remind", "shop", NOW, {"n": 2}),
+                Timer("shop|later", "remind", "shop", NOW + timedelta(hours=1)),
             ],
         )
     handler = Recorder()
     assert await worker(db, handler, NOW).fire_due() == 2
-    assert sorted(t.key for t in handler.fired) == ["a", "b"]
-    assert {t.key: t.payload for t in handler.fired} == {"a": {"n": 1}, "b": {"n": 2}}
+    assert sorted(t.key for t in handler.fired) == ["shop|a", "shop|b"]
+    assert {t.key: t.payload for t in handler.fired} == {"shop|a": {"n": 1}, "shop|b": {"n": 2}}
     assert all(t.due_at.tzinfo is not None for t in handler.fired)
     assert await count(db, timers) == 1
     assert await count(db, processed_events) == 2
@@ -137,50 +155,86 @@ async def test_only_due_timers_fire_and_their_effect_commits_with_them(db: Datab
 
 async def test_rescheduling_a_key_replaces_it_and_cancel_removes_it(db: Database) -> None:
     async with db.begin() as conn:
-        await schedule(conn, [Timer("cust-1", "remind", "shop", NOW)])
-        await schedule(conn, [Timer("cust-1", "remind", "shop", NOW + timedelta(days=1))])
-        await schedule(conn, [Timer("cust-2", "remind", "shop", NOW)])
+        await schedule(conn, [Timer("shop|cust-1", "remind", "shop", NOW)])
+        await schedule(conn, [Timer("shop|cust-1", "remind", "shop", NOW + timedelta(days=1))])
+        await schedule(conn, [Timer("shop|cust-2", "remind", "shop", NOW)])
     assert await count(db, timers) == 2
     async with db.begin() as conn:
-        assert await cancel(conn, ["cust-2", "never-scheduled"]) == 1
+        assert await cancel(conn, ["shop|cust-2", "shop|never-scheduled"]) == 1
     handler = Recorder()
     assert await worker(db, handler, NOW).fire_due() == 0
     assert await worker(db, handler, NOW + timedelta(days=1)).fire_due() == 1
-    assert [t.key for t in handler.fired] == ["cust-1"]
+    assert [t.key for t in handler.fired] == ["shop|cust-1"]
 
 
 async def test_a_failing_timer_is_retried_then_dead_without_blocking_others(
     db: Database,
 ) -> None:
     async with db.begin() as conn:
-        await schedule(conn, [Timer(f"t{i}", "remind", "shop", NOW) for i in range(5)])
-    handler = Recorder(fail_keys={"t2"})
+        await schedule(conn, [Timer(f"shop|t{i}", "remind", "shop", NOW) for i in range(5)])
+    handler = Recorder(fail_keys={"shop|t2"})
     w = worker(db, handler, NOW + timedelta(days=1), max_attempts=2)
     await w.fire_due()
-    assert sorted(t.key for t in handler.fired) == ["t0", "t1", "t3", "t4"]
+    assert sorted(t.key for t in handler.fired) == ["shop|t0", "shop|t1", "shop|t3", "shop|t4"]
     async with db.connect() as conn:
         row = (await conn.execute(select(timers))).one()
-    assert (row.key, row.attempts) == ("t2", 1)
+    assert (row.key, row.attempts) == ("shop|t2", 1)
     assert "handler failed" in row.last_error
     await worker(db, handler, NOW + timedelta(days=2), max_attempts=2).fire_due()
     assert await count(db, timers) == 0
     assert await count(db, dead_timers) == 1
 
 
-async def test_concurrent_workers_fire_each_timer_once(db: Database) -> None:
+async def test_dead_timers_are_made_due_again_and_fire(db: Database) -> None:
     async with db.begin() as conn:
-        await schedule(conn, [Timer(f"t{i}", "remind", "shop", NOW) for i in range(1000)])
-    handler = Recorder()
-    workers = [worker(db, handler, NOW, batch_size=50) for _ in range(3)]
+        await schedule(conn, [Timer(f"shop|t{i}", "remind", "shop", NOW) for i in range(3)])
+    failing = Recorder(fail_keys={"shop|t1"})
+    await worker(db, failing, NOW, max_attempts=1).fire_due()
+    assert await count(db, dead_timers) == 1
+    later = NOW + timedelta(days=1)
+    assert await retry_dead_timers(db, now=later) == (1, 0)
+    assert await count(db, dead_timers) == 0
+    assert await retry_dead_timers(db, now=later) == (0, 0)
+    fixed = Recorder()
+    assert await worker(db, fixed, later - timedelta(seconds=1)).fire_due() == 0
+    assert await worker(db, fixed, later).fire_due() == 1
+    assert [t.key for t in fixed.fired] == ["shop|t1"]
+    assert fixed.fired[0].attempts == 0
+
+
+async def test_concurrent_workers_fire_each_timer_once(db: Database) -> None:
+    """Counted by committed effects, not by handler calls: the handler adds an outbox row
+    per timer in the firing transaction (not idempotent), so a fire whose transaction
+    rolled back leaves nothing and a timer fired twice leaves two rows."""
+    keys = [f"shop|t{i}" for i in range(1000)]
+    async with db.begin() as conn:
+        await schedule(conn, [Timer(k, "remind", "shop", NOW) for k in keys])
+
+    def effect_of(number: int) -> TimerHandler:
+        async def record(conn: AsyncConnection, batch: list[Timer]) -> None:
+            await enqueue(conn, [Message("fired", t.key, str(number).encode()) for t in batch])
+
+        return record
+
+    workers = [
+        TimerWorker(db, "plumbing", {"remind": effect_of(w)}, clock=lambda: NOW, batch_size=50)
+        for w in range(3)
+    ]
 
     async def drain(w: TimerWorker) -> None:
         while await w.fire_due():
             pass
 
     await asyncio.gather(*(drain(w) for w in workers))
-    keys = [t.key for t in handler.fired]
-    assert len(keys) == 1000
-    assert len(set(keys)) == 1000
+    async with db.connect() as conn:
+        rows = (await conn.execute(select(outbox.c.key, outbox.c.value))).all()
+    fired = Counter(key for key, _ in rows)
+    assert {k: n for k, n in fired.items() if n != 1} == {}, "timers fired more than once"
+    assert set(fired) == set(keys)
+    # With SKIP LOCKED the others claim the rows one holds; without it they would wait,
+    # find those rows gone and stop, leaving every timer to one worker.
+    assert len({worker for _, worker in rows}) > 1, "the workers shared the timers"
+    assert await count(db, timers) == 0
 
 
 async def _true(value: bool) -> bool:

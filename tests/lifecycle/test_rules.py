@@ -1,5 +1,7 @@
-"""The rule language: Python evaluation equals the SQL on SQLite and PostgreSQL, validation
-errors name the failing part, and recency thresholds are exactly where truth can flip."""
+"""The rule language: Python evaluation equals the SQL on SQLite and PostgreSQL (for any
+64-bit numbers, as rules stored before the bounds may hold), validation errors name the
+failing part, new rules are held to the bounds their JSON schema states, and recency
+thresholds are exactly where truth can flip."""
 
 from __future__ import annotations
 
@@ -13,17 +15,21 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.lifecycle.models import customer_tags, customers, metadata
 from services.lifecycle.rules import (
+    AMOUNT_MAX,
     DEFAULT_LEVEL_ORDER,
+    RECENCY_DAYS_MAX,
     AllOf,
     CustomerFacts,
     HasTag,
     Not,
+    Rule,
     dump_rule,
     evaluate,
     facts_from_row,
@@ -61,12 +67,26 @@ numeric_values = {
 }
 
 
+bounded_values = {
+    "frequency": st.integers(0, 12),
+    "item_count": st.integers(0, 12),
+    "monetary_minor": st.sampled_from([0, 1, 99_999, 100_000, 2**40, AMOUNT_MAX]),
+    "aov_minor": st.sampled_from([0, 500, AMOUNT_MAX]),
+    "recency_days": st.one_of(
+        st.integers(-3, 40), st.sampled_from([RECENCY_DAYS_MAX, -RECENCY_DAYS_MAX])
+    ),
+}
+"""Numbers within the bounds a new rule is held to, the bounds themselves included."""
+
+
 @st.composite
 def numeric_leaf(
-    draw: st.DrawFn, fields: tuple[str, ...] = tuple(numeric_values)
+    draw: st.DrawFn,
+    fields: tuple[str, ...] = tuple(numeric_values),
+    values_of: dict[str, st.SearchStrategy[int]] = numeric_values,
 ) -> dict[str, Any]:
     field = draw(st.sampled_from(fields))
-    values = numeric_values[field]
+    values = values_of[field]
     if draw(st.booleans()):
         op = draw(st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte"]))
         return {"field": field, "op": op, "value": draw(values)}
@@ -86,23 +106,27 @@ def text_leaf(draw: st.DrawFn) -> dict[str, Any]:
     return {"field": field, "op": op, "value": draw(values)}
 
 
-recency_leaf = numeric_leaf(("recency_days",))
-leaves = st.one_of(
-    recency_leaf,
-    numeric_leaf(),
-    text_leaf(),
-    recency_leaf,
-    st.builds(lambda v: {"field": "returning", "op": "eq", "value": v}, st.booleans()),
-    text_leaf(),
-    st.builds(lambda t: {"has_tag": t}, st.sampled_from(TAGS)),
-    recency_leaf,
-    st.builds(lambda lv: {"member_level_at_least": lv}, st.sampled_from(LEVELS)),
-)
+def leaves(values_of: dict[str, st.SearchStrategy[int]]) -> st.SearchStrategy[dict[str, Any]]:
+    recency_leaf = numeric_leaf(("recency_days",), values_of)
+    return st.one_of(
+        recency_leaf,
+        numeric_leaf(tuple(values_of), values_of),
+        text_leaf(),
+        recency_leaf,
+        st.builds(lambda v: {"field": "returning", "op": "eq", "value": v}, st.booleans()),
+        text_leaf(),
+        st.builds(lambda t: {"has_tag": t}, st.sampled_from(TAGS)),
+        recency_leaf,
+        st.builds(lambda lv: {"member_level_at_least": lv}, st.sampled_from(LEVELS)),
+    )
 
 
-def rules_json() -> st.SearchStrategy[dict[str, Any]]:
+def rules_json(
+    values_of: dict[str, st.SearchStrategy[int]] = numeric_values,
+) -> st.SearchStrategy[dict[str, Any]]:
     """Rule JSON with a combinator on top, at most 4 deep and 40 nodes (within the limits);
-    recency leaves and `not` come often."""
+    recency leaves and `not` come often. Numbers from `values_of` (by default any 64-bit
+    ones, as a stored rule may hold; `bounded_values` for rules the API accepts now)."""
 
     def compound(inner: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
         parts = st.lists(inner, min_size=1, max_size=3)
@@ -112,9 +136,10 @@ def rules_json() -> st.SearchStrategy[dict[str, Any]]:
             st.builds(lambda rs: {"any": rs}, parts),
         )
 
-    strategy: st.SearchStrategy[dict[str, Any]] = leaves
+    leaf = leaves(values_of)
+    strategy: st.SearchStrategy[dict[str, Any]] = leaf
     for _ in range(2):
-        strategy = st.one_of(leaves, compound(strategy))
+        strategy = st.one_of(leaf, compound(strategy))
     return compound(strategy)
 
 
@@ -521,3 +546,123 @@ def test_truth_changes_only_at_recency_thresholds(
     for t1, t2 in itertools.pairwise(times):
         if evaluate(rule, f, t1) != evaluate(rule, f, t2):
             assert any(t1 < at <= t2 for at in flips)
+
+
+# --- bounds -------------------------------------------------------------------------------
+
+
+def bounded_errors_of(obj: object) -> list[tuple[str, tuple[int | str, ...]]]:
+    with pytest.raises(ValidationError) as exc:
+        parse_rule(obj, bounded=True)
+    return [(e["type"], tuple(e["loc"])) for e in exc.value.errors()]
+
+
+BEYOND_THE_BOUNDS = [
+    (
+        {"field": "recency_days", "op": "lt", "value": 3_000_000},
+        [("less_than_equal", ("value",))],
+    ),
+    (
+        {"field": "recency_days", "op": "gte", "value": -(RECENCY_DAYS_MAX + 1)},
+        [("greater_than_equal", ("value",))],
+    ),
+    (
+        {"field": "recency_days", "op": "between", "value": [0, RECENCY_DAYS_MAX + 1]},
+        [("less_than_equal", ("value", 1))],
+    ),
+    (
+        {"field": "monetary_minor", "op": "gt", "value": AMOUNT_MAX + 1},
+        [("less_than_equal", ("value",))],
+    ),
+    ({"field": "frequency", "op": "gte", "value": -1}, [("greater_than_equal", ("value",))]),
+    (
+        {"all": [leaf(), {"not": {"field": "aov_minor", "op": "between", "value": [-1, 5]}}]},
+        [("greater_than_equal", ("all", 1, "not", "value", 0))],
+    ),
+    (
+        {"any": [{"field": "item_count", "op": "lte", "value": 2**62}]},
+        [("less_than_equal", ("any", 0, "value"))],
+    ),
+]
+
+
+@pytest.mark.parametrize(("obj", "expected"), BEYOND_THE_BOUNDS)
+def test_new_rules_are_held_to_the_bounds_and_errors_name_the_part(
+    obj: object, expected: list[tuple[str, tuple[int | str, ...]]]
+) -> None:
+    assert bounded_errors_of(obj) == expected
+    parse_rule(obj)  # stored before the bounds existed, it still loads
+
+
+def test_the_bounds_are_inclusive() -> None:
+    for obj in (
+        {"field": "recency_days", "op": "lt", "value": RECENCY_DAYS_MAX},
+        {"field": "recency_days", "op": "between", "value": [-RECENCY_DAYS_MAX, RECENCY_DAYS_MAX]},
+        {"field": "monetary_minor", "op": "lte", "value": AMOUNT_MAX},
+        {"field": "item_count", "op": "between", "value": [0, AMOUNT_MAX]},
+        {"field": "frequency", "op": "gte", "value": 0},
+    ):
+        assert parse_rule(obj, bounded=True) == parse_rule(obj)
+
+
+def test_stored_rules_beyond_the_bounds_evaluate_without_raising() -> None:
+    """A rule saved before the bounds (the API refused nothing in 64 bits) must not stop
+    its shop: every part of the evaluation takes it, and no threshold lies so far that
+    `last_order_at + N days` could leave the range of dates."""
+    far = parse_rule({"field": "recency_days", "op": "lt", "value": 3_000_000})
+    bought = facts(last_order_at=NOW - 10 * DAY)
+    assert evaluate(far, bought, NOW)
+    assert not evaluate(far, facts(last_order_at=None), NOW)
+    to_sql(far, NOW)
+    assert recency_thresholds(far) == set()
+    extreme = parse_rule(
+        {
+            "any": [
+                {"field": "recency_days", "op": "gt", "value": 2**63 - 1},
+                {"field": "recency_days", "op": "lte", "value": -(2**63)},
+                {"field": "recency_days", "op": "between", "value": [RECENCY_DAYS_MAX, 10**9]},
+                {"field": "monetary_minor", "op": "ne", "value": -(2**63)},
+            ]
+        }
+    )
+    to_sql(extreme, NOW)
+    evaluate(extreme, bought, NOW)
+    assert recency_thresholds(extreme) == {RECENCY_DAYS_MAX}
+    latest = datetime(2099, 12, 31, 23, 59, tzinfo=UTC)  # events are dated before 2100
+    for n in recency_thresholds(extreme) | {RECENCY_DAYS_MAX + 1, -RECENCY_DAYS_MAX}:
+        assert latest + n * DAY < datetime.max.replace(tzinfo=UTC)
+
+
+RULE_SCHEMA = Draft202012Validator(TypeAdapter(Rule).json_schema())
+"""The JSON schema of the rule grammar, as /openapi.json states it for `rule`/`filter`."""
+
+
+@settings(max_examples=150, deadline=None)
+@given(rules_json(bounded_values))
+def test_the_json_schema_takes_every_rule_within_the_bounds(rule_json: dict[str, Any]) -> None:
+    parse_rule(rule_json, bounded=True)
+    RULE_SCHEMA.validate(rule_json)  # exactly one member of each `oneOf` matches
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        *(obj for obj, _ in BEYOND_THE_BOUNDS),
+        {"field": "spend", "op": "gt", "value": 1},
+        {"field": "frequency", "op": "in", "value": [1]},
+        {"field": "stage", "op": "eq", "value": "vip"},
+        {"field": "stage", "op": "in", "value": ["new", "x"]},
+        {"field": "city", "op": "eq", "value": "a\x00b"},
+        {"field": "city", "op": "is_null", "value": "x"},
+        {"field": "returning", "op": "eq", "value": 1},
+        {"has_tag": ""},
+        {"all": []},
+        {"nothing": 1},
+    ],
+)
+def test_the_json_schema_refuses_what_the_grammar_refuses(obj: object) -> None:
+    """All a schema can say: not `lo <= hi` in `between`, nor the depth and size limits,
+    nor that 1.0 is no JSON integer here (JSON Schema's `integer` takes it)."""
+    with pytest.raises(ValidationError):
+        parse_rule(obj, bounded=True)
+    assert not RULE_SCHEMA.is_valid(obj)

@@ -24,7 +24,8 @@ from libs.common.inbox import claim_new
 from libs.common.settings import Settings
 from libs.common.timers import TimerWorker
 from services.lifecycle import migrations
-from services.lifecycle.handlers import RESTAGE_TIMER, apply_events, on_restage_timers
+from services.lifecycle.derivation import RESTAGE_TIMER, on_restage_timers
+from services.lifecycle.handlers import apply_events
 from services.lifecycle.models import customers
 from tests.lifecycle import reference
 from tests.lifecycle.scenarios import EPOCH, histories

@@ -7,10 +7,13 @@ See `base.Bus` for the contract. `create_bus(settings)` picks the implementation
 from libs.common.bus.base import (
     BatchHandler,
     Bus,
+    BusConfigurationError,
     BusUnavailable,
     Consumer,
     Message,
     Received,
+    is_transient_error,
+    replay_dead_letters,
 )
 from libs.common.settings import Settings
 
@@ -29,9 +32,12 @@ def create_bus(settings: Settings) -> Bus:
 __all__ = [
     "BatchHandler",
     "Bus",
+    "BusConfigurationError",
     "BusUnavailable",
     "Consumer",
     "Message",
     "Received",
     "create_bus",
+    "is_transient_error",
+    "replay_dead_letters",
 ]

@@ -9,8 +9,17 @@ Contract (held by `tests/common/test_bus_contract.py` against every implementati
   so a consumer stopped or killed mid-batch gets the batch again.
 - A message whose handler keeps failing is retried a bounded number of times, then
   published to `<topic>.dlt` with the error in its headers, and consumption moves on.
-  Failures of the infrastructure itself (database unreachable) are retried without bound:
-  the partition waits rather than dead-lettering healthy messages.
+  Only the failing message goes there: a failed batch is split in halves until the
+  failures are narrowed down to single messages, and only a message failing on its own
+  counts attempts, so a poison message never takes a healthy neighbour (of its shop or
+  another's) with it.
+- Transient failures are retried without bound and never count as attempts: the
+  infrastructure itself (database unreachable, network) and lock conflicts between
+  concurrent transactions (PostgreSQL deadlocks, SQLSTATE 40P01, and serialization
+  failures, 40001; see `is_transient_error`). The partition waits rather than
+  dead-lettering healthy messages.
+- `replay_dead_letters` puts what is in `<topic>.dlt` back on `<topic>` once (`huitou dlt
+  replay`); idempotent consumers skip what they had applied already.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +42,45 @@ log = logging.getLogger(__name__)
 
 class BusUnavailable(Exception):
     """The bus did not durably accept a publish; the caller must not acknowledge."""
+
+
+class BusConfigurationError(Exception):
+    """The bus refuses how it is configured (e.g. a broker rejecting the idempotent
+    producer); retrying will not help, a setting must change. The message says which."""
+
+
+LOCK_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+"""serialization_failure and deadlock_detected: the transaction lost a race with another
+one and succeeds when run again."""
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """True for a PostgreSQL deadlock or serialization failure, however wrapped: SQLAlchemy's
+    `DBAPIError` keeps the driver's error in `orig`, which carries the SQLSTATE as `sqlstate`
+    (asyncpg) or `pgcode` (psycopg); the exception's cause and context are searched too."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        for attribute in ("sqlstate", "pgcode"):
+            if getattr(current, attribute, None) in LOCK_CONFLICT_SQLSTATES:
+                return True
+        orig = getattr(current, "orig", None)
+        pending += [
+            orig if isinstance(orig, BaseException) else None,
+            current.__cause__,
+            current.__context__,
+        ]
+    return False
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Failures that say nothing about the message or timer being handled: retried without
+    bound, never counted towards a dead-letter topic or `dead_timers`."""
+    return is_infrastructure_error(exc) or is_lock_conflict(exc)
 
 
 @dataclass(frozen=True)
@@ -84,6 +133,11 @@ class Source(ABC):
     @abstractmethod
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind the end of each assigned partition, where known."""
+
+    @abstractmethod
+    async def caught_up(self) -> bool:
+        """Whether every partition of the topics is assigned to this member and nothing
+        lies beyond what it fetched (for one-shot readers such as the dead-letter replay)."""
 
 
 class Bus(ABC):
@@ -150,22 +204,29 @@ class Consumer:
         self.batch_size = batch_size
         self.max_attempts = bus.settings.consumer_max_attempts
         self.backoff = bus.settings.consumer_retry_backoff_s
+        self.stuck_after = bus.settings.consumer_stuck_after_s
         self._last_error: BaseException | None = None
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
+        self._progress_at = time.monotonic()
+        """When the loop last completed something: a fetch, or a handler call."""
 
     async def start(self) -> None:
         self._source = self.bus._source(self.group, self.topics)
         await self._source.start()
+        self._progress_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group}")
+        self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
         """Stop at once; an unfinished batch is rolled back and delivered again later."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.remove_done_callback(self._ended)
+            task.cancel()
+            # A loop that died has been logged already (`_ended`).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._source is not None:
             await self._source.stop()
             self._source = None
@@ -173,6 +234,29 @@ class Consumer:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def health(self) -> str | None:
+        """None while the consumer works; otherwise why not (`/readyz` reports it)."""
+        task = self._task
+        if task is None:
+            return "not running"
+        if task.done():
+            if task.cancelled():
+                return "dead: its task was cancelled"
+            return f"dead: {task.exception()!r}"[:300]
+        idle = time.monotonic() - self._progress_at
+        if idle > self.stuck_after:
+            return f"stuck: nothing fetched or handled for {idle:.0f} s"
+        return None
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The loop never ends by itself: if it did, say so loudly (`/readyz` shows it)."""
+        error = None if task.cancelled() else task.exception()
+        log.error(
+            "consumer died",
+            extra={"group": self.group, "error": repr(error) if error else "cancelled"},
+            exc_info=error,
+        )
 
     async def _run(self) -> None:
         assert self._source is not None
@@ -186,6 +270,8 @@ class Consumer:
                 log.exception("fetch failed", extra={"group": self.group})
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._progress_at = time.monotonic()
             self._report_lag(source)
             if not batch:
                 continue
@@ -207,13 +293,25 @@ class Consumer:
     async def _handle(self, batch: list[Received]) -> None:
         if await self._attempt(batch, attempts=2):
             return
-        # Something in the batch fails: find it by handling the records one at a time.
-        for record in batch:
-            if not await self._attempt([record], attempts=self.max_attempts):
-                await self._dead_letter(record)
+        # Something in the batch fails: narrow it down (halves, in order, so each key
+        # keeps its order), and count attempts only against a message failing on its own.
+        await self._isolate(batch)
+
+    async def _isolate(self, records: list[Received]) -> None:
+        if len(records) == 1:
+            if not await self._attempt(records, attempts=self.max_attempts):
+                await self._dead_letter(records[0])
+            return
+        middle = len(records) // 2
+        for part in (records[:middle], records[middle:]):
+            if not await self._attempt(part, attempts=1):
+                await self._isolate(part)
 
     async def _attempt(self, batch: list[Received], attempts: int) -> bool:
+        """Run the handler on `batch` until it succeeds (True) or failed `attempts` times
+        for reasons of its own (False). Transient failures are retried without bound."""
         tries = 0
+        conflicts = 0
         while True:
             started = time.perf_counter()
             try:
@@ -221,8 +319,16 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._progress_at = time.monotonic()
                 self._last_error = exc
                 metrics.CONSUMER_RETRIES.labels(self.group).inc()
+                if is_lock_conflict(exc):
+                    # Lost a race with another transaction: run it again shortly, with
+                    # jitter so the two do not collide in step again.
+                    conflicts += 1
+                    log.info("lock conflict, retrying", extra={"group": self.group})
+                    await asyncio.sleep(random.uniform(0, 0.01 * 2 ** min(conflicts, 7)))
+                    continue
                 if is_infrastructure_error(exc):
                     log.warning("infrastructure error, retrying", extra={"group": self.group})
                     await asyncio.sleep(max(self.backoff, 0.5))
@@ -236,6 +342,7 @@ class Consumer:
                     return False
                 await asyncio.sleep(self.backoff * tries)
                 continue
+            self._progress_at = time.monotonic()
             metrics.CONSUMER_BATCH_SECONDS.labels(self.group).observe(time.perf_counter() - started)
             return True
 
@@ -264,3 +371,55 @@ class Consumer:
     def _report_lag(self, source: Source) -> None:
         for (topic, partition), lag in source.lag().items():
             metrics.CONSUMER_LAG.labels(self.group, topic, str(partition)).set(lag)
+
+
+DLT_HEADERS = ("dlt_error", "dlt_group", "dlt_topic", "dlt_partition", "dlt_offset")
+
+
+def replay_group(topic: str) -> str:
+    """The consumer group whose committed position on `<topic>.dlt` records how far
+    `replay_dead_letters` got, so a second run replays only what arrived since."""
+    return f"huitou.dlt-replay.{topic}"
+
+
+async def replay_dead_letters(
+    bus: Bus, topic: str, *, batch_size: int = 500, within: float = 120.0
+) -> int:
+    """Publish every message of `<topic>.dlt` not replayed before back to `<topic>` (key,
+    value and original headers; the `dlt_*` headers give way to `dlt_replayed_from`), then
+    commit the replay group's position past them; returns how many were replayed.
+
+    A message is republished before its position is committed, so an interrupted replay
+    may publish a message twice when run again: consumers drop repeats by event id.
+    Raises TimeoutError if the dead-letter topic could not be read to its end `within`
+    seconds (e.g. the broker never assigned its partitions)."""
+    await bus.ensure_topics([topic])
+    source = bus._source(replay_group(topic), [dead_letter_topic(topic)])
+    await source.start()
+    replayed = 0
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                batch = await source.fetch(batch_size, max_wait=0.5)
+                if not batch:
+                    if await source.caught_up():
+                        return replayed
+                    continue
+                await bus.publish(
+                    [
+                        Message(
+                            topic,
+                            record.key,
+                            record.value,
+                            {
+                                **{k: v for k, v in record.headers.items() if k not in DLT_HEADERS},
+                                "dlt_replayed_from": f"{record.partition}:{record.offset}",
+                            },
+                        )
+                        for record in batch
+                    ]
+                )
+                await source.commit(batch)
+                replayed += len(batch)
+    finally:
+        await source.stop()

@@ -8,7 +8,9 @@ Members of one group (in this process) split the partitions between them.
 
 Publishing is group-committed: concurrent `publish` calls queue their messages and one
 writer task stores everything queued in a single transaction (`synchronous=FULL`), then
-acknowledges every caller. Messages older than the retention that every group has
+acknowledges every caller. A publish not stored within `HUITOU_BUS_PUBLISH_TIMEOUT_S`
+(`bus.db` locked or stalled) raises `BusUnavailable`, as a Kafka produce does, so ingest
+answers 503 instead of hanging. Messages older than the retention that every group has
 consumed are deleted in the background.
 """
 
@@ -82,7 +84,9 @@ class EmbeddedBus(Bus):
         self.partitions = settings.embedded_partitions
         url = f"sqlite+aiosqlite:///{(settings.data_dir / 'bus.db').resolve()}"
         self.db = Database(url, "bus")
-        self._writer = GroupCommitter(self.db, self._store, name="embedded-bus")
+        self._writer = GroupCommitter(
+            self.db, self._store, name="embedded-bus", timeout=settings.bus_publish_timeout_s
+        )
         self._janitor: asyncio.Task[None] | None = None
         self._published = asyncio.Condition()
         self.publications = 0
@@ -325,3 +329,19 @@ class EmbeddedSource(Source):
 
     def lag(self) -> dict[tuple[str, int], int]:
         return dict(self._lag)
+
+    async def caught_up(self) -> bool:
+        await self._load_positions()
+        async with self.bus.db.connect() as conn:
+            for topic, partition in self.assignment:
+                last = (
+                    await conn.execute(
+                        select(func.max(bus_messages.c.seq)).where(
+                            bus_messages.c.topic == topic,
+                            bus_messages.c.partition == partition,
+                        )
+                    )
+                ).scalar()
+                if last is not None and last > self.positions.get((topic, partition), 0):
+                    return False
+        return True

@@ -3,22 +3,59 @@
 Idempotent production is a setting (`HUITOU_KAFKA_IDEMPOTENCE`), on by default for Apache
 Kafka and off against brokers that reject InitProducerId (the Tansu build used in tests);
 without it a retried produce can duplicate a message, which consumers absorb by event id.
+A broker rejecting it makes `start()` close the producer and raise
+`BusConfigurationError` naming the setting (the CLI prints that one line and exits).
+
+Topics are created with `HUITOU_TOPIC_PARTITIONS`, `HUITOU_TOPIC_REPLICATION_FACTOR` and
+`min.insync.replicas` = `HUITOU_TOPIC_MIN_INSYNC_REPLICAS` (production: 3 and 2, so an
+`acks=all` publish is on two brokers before ingest answers 2xx; a single broker: 1 and 1).
+Existing topics are left as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from libs.common import metrics
-from libs.common.bus.base import Bus, BusUnavailable, Message, Received, Source, dead_letter_topic
+from libs.common.bus.base import (
+    Bus,
+    BusConfigurationError,
+    BusUnavailable,
+    Message,
+    Received,
+    Source,
+    dead_letter_topic,
+)
 from libs.common.settings import Settings
+
+_SENDER_LOG = logging.getLogger("aiokafka.producer.sender")
+
+
+def _is_init_producer_id_error(exc: BaseException) -> bool:
+    """Whether `exc` came out of the producer's InitProducerId request (its start-up
+    asks the broker for a producer id only when idempotence is on)."""
+    if not isinstance(exc, KafkaError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name in ("_maybe_wait_for_pid", "_do_init_pid"):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+class _HideInitProducerIdError(logging.Filter):
+    """aiokafka logs its own line before raising; the raised error is explained instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "InitProducerIdRequest" not in record.getMessage()
 
 
 class KafkaBus(Bus):
@@ -38,7 +75,22 @@ class KafkaBus(Bus):
             request_timeout_ms=int(self.settings.bus_publish_timeout_s * 1000),
             max_batch_size=256 * 1024,
         )
-        await producer.start()
+        hide = _HideInitProducerIdError()
+        _SENDER_LOG.addFilter(hide)
+        try:
+            await producer.start()  # an idempotent producer gets its producer id here
+        except BaseException as exc:
+            await producer.stop()
+            if self.settings.kafka_idempotence and _is_init_producer_id_error(exc):
+                raise BusConfigurationError(
+                    f"the Kafka broker at {','.join(self.bootstrap)} rejected the idempotent "
+                    f"producer (InitProducerId: {type(exc).__name__}); set "
+                    "HUITOU_KAFKA_IDEMPOTENCE=false for a broker without idempotent "
+                    "producers, or enable them on the broker"
+                ) from None
+            raise
+        finally:
+            _SENDER_LOG.removeFilter(hide)
         self._producer = producer
 
     async def stop(self) -> None:
@@ -78,16 +130,35 @@ class KafkaBus(Bus):
             wanted = [t for topic in topics for t in (topic, dead_letter_topic(topic))]
             missing = [t for t in dict.fromkeys(wanted) if t not in existing]
             if missing:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(
+                s = self.settings
+                try:
+                    response = await admin.create_topics(
                         [
                             NewTopic(
                                 t,
-                                self.settings.topic_partitions,
-                                self.settings.kafka_replication_factor,
+                                s.topic_partitions,
+                                s.topic_replication_factor,
+                                topic_configs={
+                                    "min.insync.replicas": str(s.topic_min_insync_replicas)
+                                },
                             )
                             for t in missing
                         ]
+                    )
+                except TopicAlreadyExistsError:
+                    return
+                refused = []
+                for name, code, *rest in response.topic_errors:
+                    if code not in (0, TopicAlreadyExistsError.errno):
+                        detail = f" ({rest[0]})" if rest and rest[0] else ""
+                        refused.append(f"{name}: {for_code(code).__name__}{detail}")
+                if refused:
+                    raise BusConfigurationError(
+                        "the Kafka broker refused to create topics with "
+                        f"HUITOU_TOPIC_PARTITIONS={s.topic_partitions}, "
+                        f"HUITOU_TOPIC_REPLICATION_FACTOR={s.topic_replication_factor}, "
+                        f"HUITOU_TOPIC_MIN_INSYNC_REPLICAS={s.topic_min_insync_replicas}: "
+                        + "; ".join(refused)
                     )
         finally:
             await admin.close()
@@ -152,6 +223,24 @@ class KafkaSource(Source):
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
         await self.consumer.commit(offsets)
+
+    async def caught_up(self) -> bool:
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False  # the group has not assigned the partitions yet
+        wanted = set()
+        for topic in self.consumer.subscription():
+            partitions = self.consumer.partitions_for_topic(topic)
+            if not partitions:
+                return False
+            wanted |= {TopicPartition(topic, p) for p in partitions}
+        if not wanted <= assignment:
+            return False
+        ends = await self.consumer.end_offsets(list(assignment))
+        for tp in assignment:
+            if await self.consumer.position(tp) < ends[tp]:
+                return False
+        return True
 
     def lag(self) -> dict[tuple[str, int], int]:
         """High watermark minus the next offset to fetch, per assigned partition."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import BigInteger, ColumnElement, Table, cast, extract, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
@@ -52,3 +52,21 @@ def upsert(
 
 def is_postgres(conn: AsyncConnection) -> bool:
     return conn.dialect.name == "postgresql"
+
+
+def microseconds_between(
+    conn: AsyncConnection, later: ColumnElement[Any], earlier: ColumnElement[Any]
+) -> ColumnElement[int]:
+    """`later - earlier` in whole microseconds, exactly, as an integer SQL expression of two
+    `UtcDateTime` values (NULL if either is): PostgreSQL subtracts the timestamps; SQLite
+    reads the fixed text it stores them in ('YYYY-MM-DD HH:MM:SS.ffffff', see
+    `types.sqlite_utc_text`), whole seconds through `strftime('%s')` plus the digits after
+    the point, so no floating point (`julianday`) rounds the difference."""
+    if is_postgres(conn):
+        return cast(extract("epoch", later - earlier) * 1_000_000, BigInteger)
+
+    def micros(value: ColumnElement[Any]) -> ColumnElement[int]:
+        seconds = cast(func.strftime("%s", value), BigInteger)
+        return seconds * 1_000_000 + cast(func.substr(value, 21, 6), BigInteger)
+
+    return micros(later) - micros(earlier)

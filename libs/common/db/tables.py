@@ -27,11 +27,14 @@ metadata = MetaData()
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 """SQLite only autoincrements an INTEGER PRIMARY KEY."""
 
+EVENT_KEY_LENGTH = 600
+"""Room for an event's dedupe key `shop_id|source|id` (64 + 200 + 200 and separators)."""
+
 processed_events = Table(
     "processed_events",
     metadata,
     Column("consumer", String(100), primary_key=True),
-    Column("event_id", String(420), primary_key=True),
+    Column("event_id", String(EVENT_KEY_LENGTH), primary_key=True),
     Column("processed_at", UtcDateTime(), nullable=False),
 )
 
@@ -101,3 +104,10 @@ def create_common_tables(op: Operations) -> None:
         for index in table.indexes:
             assert index.name is not None
             op.create_index(index.name, table.name, [c.name for c in index.columns])
+
+
+def widen_event_keys(op: Operations) -> None:
+    """Migration step: processed-event ids became `shop_id|source|id` (one shop's events
+    can no longer hide another's), longer than the column first made for them."""
+    with op.batch_alter_table("processed_events") as batch:
+        batch.alter_column("event_id", type_=String(EVENT_KEY_LENGTH))

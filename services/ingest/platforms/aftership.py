@@ -73,14 +73,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
-from libs.common.events import Envelope
+from libs.common.events import REASON_MAX, Envelope
 from services.ingest.platforms.base import InvalidPayload, Normalized, ShopContext
 from services.ingest.platforms.payloads import (
     JsonObject,
     ShopEvents,
     address,
     arrival,
+    bounded_utc,
     checkpoint,
+    clip,
     header,
     iso_second,
     load_json_object,
@@ -201,7 +203,8 @@ def _event(payload: JsonObject, shop: ShopEvents) -> Envelope | None:
     if shipping is not None:
         data["destination"] = shipping
     if status == EXCEPTION:
-        data["reason"] = text(msg.get("subtag_message")) or DEFAULT_REASONS.get(tag, tag)
+        reason = text(msg.get("subtag_message")) or DEFAULT_REASONS.get(tag, tag)
+        data["reason"] = clip(reason, REASON_MAX)
     key = (carrier, number, status, iso_second(when))
     return shop.build(f"logistics.{status}", key, time=when, data=data)
 
@@ -237,9 +240,11 @@ def _in_city(point: _Checkpoint, destination: tuple[str | None, str | None, str 
 def _ts(value: Any) -> datetime:
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
-            return datetime.fromtimestamp(value, UTC)
+            moment = datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError):
             pass
+        else:
+            return bounded_utc(moment, "ts")
     raise InvalidPayload("ts", "missing or not a unix time (and no checkpoint to date the event)")
 
 

@@ -117,6 +117,7 @@ from services.ingest.platforms.payloads import (
     ShopEvents,
     address,
     arrival,
+    bounded_utc,
     checkpoint,
     iso_second,
     load_json_object,
@@ -449,21 +450,25 @@ def _state(code: int) -> State:
 
 
 def _code(value: Any) -> int | None:
-    """A state code given as a number or a string of digits; None when absent or unreadable."""
+    """A state code given as a number or a string of up to 9 ASCII digits; None when absent
+    or unreadable (no documented code has more than 4 digits)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value.strip())
+    digits = value.strip() if isinstance(value, str) else ""
+    if 0 < len(digits) <= 9 and digits.isascii() and digits.isdigit():
+        return int(digits)
     return None
 
 
 def _time(value: str, field: str) -> datetime:
-    """A checkpoint time; unlike Taobao's `_top_time` it may lack seconds, never has fractions."""
+    """A checkpoint time in UTC (1970–2100); unlike Taobao's `_top_time` it may lack seconds,
+    never has fractions."""
     for fmt in _TIME_FORMATS:
         try:
-            return datetime.strptime(value.strip(), fmt).replace(tzinfo=CHINA_TIME)
+            local = datetime.strptime(value.strip(), fmt).replace(tzinfo=CHINA_TIME)
         except ValueError:
             continue
+        return bounded_utc(local, field)
     raise InvalidPayload(field, f"not a 'yyyy-MM-dd HH:mm:ss' time: {value!r}")
 
 

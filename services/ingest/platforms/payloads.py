@@ -7,6 +7,15 @@ access where a field is required (`required_*`, `objects`, `missing`: a 422 nami
 field's path), money in integer minor units, timestamps, customers, places and checkpoints,
 and `ShopEvents`, which gives one platform's events for one shop their ids and validates
 them. What is particular to one platform's payloads stays in its adapter.
+
+Bounds (those of `libs.common.events`): an amount beyond 10^13 minor units, a time outside
+1970-01-01 to 2100-01-01 UTC (also one an offset would push out of Python's range), a
+quantity beyond 100,000 or more than 500 lines is refused with a 422 naming the platform's
+field, before anything is computed from it; anything else the canonical schema refuses
+(an identifier longer than its column, a NUL) is a 422 from `ShopEvents.build`. Descriptive
+text a buyer, merchant or carrier typed (names, titles, places, checkpoint descriptions)
+is cut to its field's limit instead: refusing the delivery would lose the order over a
+cosmetic field, and the platform would retry it in vain.
 """
 
 from __future__ import annotations
@@ -28,6 +37,15 @@ from pydantic import ValidationError
 
 from libs.common.events import (
     DEFAULT_PHONE_REGION,
+    DESCRIPTION_MAX,
+    MAX_AMOUNT_MINOR,
+    MAX_ITEMS,
+    MAX_QUANTITY,
+    MAX_TIME,
+    MIN_TIME,
+    NAME_MAX,
+    PLACE_MAX,
+    TITLE_MAX,
     Customer,
     Envelope,
     normalize_phone,
@@ -223,9 +241,16 @@ def minor_units(value: Any, currency: str, field: str, *, rounded: bool = False)
         raise InvalidPayload(field, f"not a decimal amount: {value!r}") from None
     if not amount.is_finite():
         raise InvalidPayload(field, f"not a decimal amount: {value!r}")
+    # Bounded before scaling and int(): `1e999999999` overflows the decimal context.
+    beyond = InvalidPayload(field, f"more than {MAX_AMOUNT_MINOR} minor units of {currency}")
+    if amount.copy_abs() > MAX_AMOUNT_MINOR:
+        raise beyond
     scaled = amount.scaleb(_CURRENCY_EXPONENTS.get(currency, 2))
+    if abs(scaled) > MAX_AMOUNT_MINOR:
+        raise beyond
     whole = scaled.to_integral_value(rounding=ROUND_HALF_UP)
-    if whole != scaled and not rounded:
+    underflowed = scaled == 0 and amount != 0  # `1e-999999999` scales to an exact 0
+    if (whole != scaled or underflowed) and not rounded:
         raise InvalidPayload(field, f"{value} has more decimals than {currency} allows")
     return int(whole)
 
@@ -253,7 +278,26 @@ def optional_time(document: JsonObject, key: str, field: str, tz: tzinfo) -> dat
         raise InvalidPayload(field, f"not an ISO 8601 date-time: {value!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=tz)
-    return parsed.astimezone(UTC)
+    return bounded_utc(parsed, field)
+
+
+def bounded_utc(moment: datetime, field: str) -> datetime:
+    """An aware time in UTC; a 422 naming `field` when it lies outside 1970-01-01 to
+    2100-01-01 UTC, or when its offset would move it out of Python's range."""
+    try:
+        converted = moment.astimezone(UTC)
+    except OverflowError:
+        converted = None
+    if converted is None or not MIN_TIME <= converted < MAX_TIME:
+        raise InvalidPayload(
+            field, f"{moment.isoformat()} is outside {MIN_TIME:%Y-%m-%d} to {MAX_TIME:%Y-%m-%d} UTC"
+        )
+    return converted
+
+
+def clip(value: str | None, limit: int) -> str | None:
+    """Descriptive text cut to `limit` characters (see the module's note on bounds)."""
+    return value[:limit].rstrip() if value is not None and len(value) > limit else value
 
 
 def stamp(moment: datetime) -> str:
@@ -281,7 +325,7 @@ def contact(
     if text(customer_id):
         customer["id"] = text(customer_id)
     if name:
-        customer["name"] = name
+        customer["name"] = clip(name, NAME_MAX)
     for phone in filter(None, map(text, phones)):
         with suppress(ValueError):
             customer["phone"] = normalize_phone(phone, region or DEFAULT_PHONE_REGION)
@@ -301,7 +345,7 @@ def subject_of(customer: JsonObject) -> str | None:
 def address(*, country: Any = None, province: Any, city: Any) -> JsonObject | None:
     """A canonical address of the parts given as text; None when none is."""
     fields = {"country": country, "province": province, "city": city}
-    place = {name: text(value) for name, value in fields.items() if text(value)}
+    place = {name: clip(text(value), PLACE_MAX) for name, value in fields.items() if text(value)}
     return place or None
 
 
@@ -310,7 +354,11 @@ def checkpoint(
 ) -> JsonObject:
     """A canonical checkpoint: its time and those other parts that are given as text."""
     parts = {"province": province, "city": city, "description": description}
-    return {"time": time, **{name: text(value) for name, value in parts.items() if text(value)}}
+    limits = {"province": PLACE_MAX, "city": PLACE_MAX, "description": DESCRIPTION_MAX}
+    return {
+        "time": time,
+        **{name: clip(text(value), limits[name]) for name, value in parts.items() if text(value)},
+    }
 
 
 def arrival(newest_first: Sequence[T], in_city: Callable[[T], bool]) -> T | None:
@@ -336,19 +384,24 @@ def items(
 ) -> list[JsonObject]:
     """Canonical order items of line items with a whole quantity of at least 1 (others skipped).
 
-    `title` reads a line's title; prices are decimal amounts (see `minor_units`).
+    `title` reads a line's title; prices are decimal amounts (see `minor_units`). More than
+    MAX_ITEMS lines, or a quantity beyond MAX_QUANTITY, is a 422.
     """
-    result = []
+    result: list[JsonObject] = []
     for index, line in enumerate(map(as_object, as_list(lines))):
         quantity = line.get("quantity")
         if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
             continue
+        if quantity > MAX_QUANTITY:
+            raise InvalidPayload(f"{path}[{index}].quantity", f"more than {MAX_QUANTITY}")
+        if len(result) == MAX_ITEMS:
+            raise InvalidPayload(path, f"more than {MAX_ITEMS} line items")
         item: JsonObject = {"quantity": quantity}
         if text(line.get("sku")):
             item["sku"] = text(line.get("sku"))
         name = title(line)
         if name:
-            item["title"] = name
+            item["title"] = clip(name, TITLE_MAX)
         if line.get("price") is not None:
             price = line.get("price")
             item["price"] = money(price, currency, f"{path}[{index}].price", rounded=rounded)

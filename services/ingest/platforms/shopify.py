@@ -79,7 +79,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from libs.common.events import Envelope
+from libs.common.events import CARRIER_MAX, Envelope
 from services.ingest.platforms.base import InvalidPayload, Normalized, ShopContext
 from services.ingest.platforms.payloads import (
     JsonObject,
@@ -88,6 +88,7 @@ from services.ingest.platforms.payloads import (
     as_list,
     as_object,
     checkpoint,
+    clip,
     contact,
     currency_code,
     header,
@@ -486,7 +487,8 @@ def _tracking(document: JsonObject) -> JsonObject:
     if number:
         result["tracking_number"] = number
     if text(document.get("tracking_company")):
-        result["carrier"] = text(document.get("tracking_company"))
+        # Free text for custom carriers: cut to the column, like other descriptive text.
+        result["carrier"] = clip(text(document.get("tracking_company")), CARRIER_MAX)
     return result
 
 

@@ -89,6 +89,7 @@ from services.ingest.platforms.payloads import (
     CHINA_TIME,
     JsonObject,
     ShopEvents,
+    bounded_utc,
     header,
     load_json_object,
     missing,
@@ -301,7 +302,7 @@ def _yuan(value: Any, field: str) -> JsonObject:
 
 
 def _top_time(value: Any, field: str) -> datetime:
-    """A TOP time, "yyyy-MM-dd HH:mm:ss" in GMT+8, as an aware UTC datetime.
+    """A TOP time, "yyyy-MM-dd HH:mm:ss" in GMT+8, as an aware UTC datetime (1970–2100).
 
     Stricter than Kuaidi100's `_time`: seconds are required (a fraction is allowed), as in TOP.
     """
@@ -311,4 +312,4 @@ def _top_time(value: Any, field: str) -> datetime:
         local = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidPayload(field, str(exc)) from None
-    return local.replace(tzinfo=CHINA_TIME).astimezone(UTC)
+    return bounded_utc(local.replace(tzinfo=CHINA_TIME), field)

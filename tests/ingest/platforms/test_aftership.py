@@ -130,7 +130,7 @@ def test_in_transit_sample(adapter: AfterShipAdapter) -> None:
     assert event.time.isoformat() == "2021-01-13T16:52:00+00:00"
     assert event.id == "aftership:acme-tea:usps:0000000000000000:in_transit:2021-01-13T16:52:00Z"
     assert event.subject is None
-    assert event.key == "acme-tea:0000000000000000"
+    assert event.key == "acme-tea:parcel:0000000000000000"
     assert event.data == {
         "tracking_number": "0000000000000000",
         "carrier": "usps",

@@ -149,7 +149,7 @@ def test_in_transit_sample(adapter: Kuaidi100Adapter) -> None:
     assert event.source == "kuaidi100/acme-tea"
     assert event.time.isoformat() == "2021-12-15T12:15:14+00:00"  # 20:15:14 in Shanghai
     assert event.subject is None
-    assert event.key == "acme-tea:YT6186594166532"
+    assert event.key == "acme-tea:parcel:YT6186594166532"
     assert event.data == {
         "tracking_number": "YT6186594166532",
         "carrier": "yuantong",

@@ -176,7 +176,7 @@ def test_trade_create_from_the_sdk_example_becomes_order_created(adapter: Taobao
     }
 
 
-def test_buyer_pay_becomes_order_paid_keyed_by_open_uid(adapter: TaobaoAdapter) -> None:
+def test_buyer_pay_becomes_order_paid_of_the_open_uid_keyed_by_trade(adapter: TaobaoAdapter) -> None:
     event = normalize_one(adapter, sample("trade_buyer_pay.json"))
     assert event.type == "order.paid"
     assert event.subject == "AAHk5d-EAAeGwJedwSFu0XXX"
@@ -184,7 +184,7 @@ def test_buyer_pay_becomes_order_paid_keyed_by_open_uid(adapter: TaobaoAdapter) 
     assert event.data["status"] == "paid"
     assert event.data["total"] == {"amount_minor": 20007, "currency": "CNY"}
     assert event.data["paid_at"] == "2024-11-10T16:01:10Z"
-    assert event.key == "acme-tea:AAHk5d-EAAeGwJedwSFu0XXX"
+    assert event.key == "acme-tea:order:2231958349"
 
 
 @pytest.mark.parametrize(
