@@ -5,7 +5,8 @@ What is scanned, at the end of the session (after every fixture is torn down, so
 process has stopped writing):
 - every `*.log` file under the session's temporary folder: the output of the processes
   the tests start (`huitou up`/`serve` write theirs to `<workdir>/<name>.log`, the broker
-  to `tansu.log`; a test starting another process gives it a `*.log` file there too);
+  to `tansu.log`, PostgreSQL to `pg/log`; a test starting another process gives it a
+  `*.log` file there too);
 - `in-process.log` there: every record the code under test logs inside the pytest
   process, formatted by the services' own `JsonFormatter` (which masks phones and emails).
 
@@ -33,6 +34,9 @@ import pytest
 from libs.common.logs import JsonFormatter
 
 IN_PROCESS_LOG = "in-process.log"
+_SECRET_NAME = re.compile(r"^[A-Z0-9_]*SECRETS?(_[A-Z0-9]+)?$")
+_NOT_SECRETS = ("_HEADER", "_FIELD", "_NAME", "_ENV")
+"""`SECRET_HEADER` names a header; its value is no secret."""
 _SENSITIVE: set[str] = set()
 
 PATTERNS: dict[str, re.Pattern[str]] = {
@@ -57,7 +61,7 @@ def known_secrets() -> set[str]:
         if not name.startswith("tests") or module is None:
             continue
         for attribute, value in vars(module).items():
-            if "SECRET" in attribute.upper() and attribute.isupper():
+            if _SECRET_NAME.match(attribute) and not attribute.endswith(_NOT_SECRETS):
                 found.update(_strings(value))
     try:
         from tests.conftest import make_settings
@@ -108,7 +112,7 @@ def scan_text(text: str, secrets: Iterable[str] = ()) -> list[tuple[int, str]]:
 def scan_folder(folder: Path, secrets: Iterable[str] = ()) -> list[Leak]:
     secrets = list(secrets)
     leaks: list[Leak] = []
-    for path in sorted(folder.rglob("*.log")):
+    for path in sorted({*folder.rglob("*.log"), *folder.rglob("log")}):
         if not path.is_file():
             continue
         text = path.read_text(errors="replace")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 from sqlalchemy import and_, or_, select
 
@@ -243,14 +242,10 @@ class Platform:
         return Database(self.settings.database_url_for(service), service)
 
     async def uncommitted(self, group: str, logical_topics: Sequence[str]) -> list[bytes]:
-        """The messages of `logical_topics` past `group`'s committed position: what the
-        group gets again when its consumer starts (read while that consumer is down)."""
+        """The messages of `logical_topics` past `group`'s committed position on the
+        embedded bus: what the group gets again when it starts (read while it is down)."""
+        assert self.embedded, "the embedded bus only"
         topics = [topic_name(t, self.settings.topic_namespace) for t in logical_topics]
-        if self.embedded:
-            return await self._uncommitted_embedded(group, topics)
-        return await self._uncommitted_kafka(group, topics)
-
-    async def _uncommitted_embedded(self, group: str, topics: list[str]) -> list[bytes]:
         db = Database(f"sqlite+aiosqlite:///{(self.settings.data_dir / 'bus.db').resolve()}", "bus")
         try:
             async with db.connect() as conn:
@@ -272,36 +267,6 @@ class Platform:
                 return [bytes(v) for v in rows.scalars()]
         finally:
             await db.dispose()
-
-    async def _uncommitted_kafka(self, group: str, topics: list[str]) -> list[bytes]:
-        # A manually assigned member of `group` that commits nothing: it reads the group's
-        # committed offsets (OffsetFetch, as the group's own consumers do) without joining,
-        # then up to each partition's high watermark as fetch responses report it (the
-        # test broker's ListOffsets answers are not the log's end).
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            group_id=group,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
-        )
-        await reader.start()
-        try:
-            tps = [TopicPartition(t, p) for t in topics for p in range(self.partitions())]
-            reader.assign(tps)
-            for tp in tps:
-                reader.seek(tp, await reader.committed(tp) or 0)
-            values: list[bytes] = []
-
-            async def behind(tp: TopicPartition) -> bool:
-                end = reader.highwater(tp)
-                return end is None or await reader.position(tp) < end
-
-            while [tp for tp in tps if await behind(tp)]:
-                for records in (await reader.getmany(timeout_ms=200)).values():
-                    values += [r.value for r in records]
-            return values
-        finally:
-            await reader.stop()
 
 
 async def processed(db: Database, consumer: str, keys: Collection[str]) -> set[str]:

@@ -3,15 +3,17 @@ POST /v1/events on ingest → bus → lifecycle → GET /v1/customers/{id}."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from libs.common.bus import create_bus
 from libs.common.db import Database
+from libs.common.db.tables import processed_events
 from libs.common.events import Envelope, decode_event, parse_event
 from services.ingest.handlers import to_message
 from tests.platform import Platform, processed, until
@@ -329,7 +331,7 @@ async def test_a_consumer_killed_mid_batch_applies_every_event_exactly_once(
     Either way the moment is made to happen and checked, not hoped for."""
     shop = shop_name()
     key = await platform.create_shop(shop)
-    customers, orders_each = 40, 4
+    customers, orders_each = 50, 4
     events: list[dict[str, Any]] = []
     for c in range(customers):
         for o in range(orders_each):
@@ -379,12 +381,23 @@ def applied_more(db: Database, mine: Collection[str]) -> Callable[[], Awaitable[
 async def kill_between_commit_and_acknowledgement(
     platform: Platform, db: Database, shop: str, mine: dict[str, Envelope]
 ) -> None:
-    """Stop the platform (SIGSTOP) while it works through the backlog and read what it left
-    durable: the events past the group's committed position on the bus, and which of them
-    the inbox recorded as applied. With a partial refund among those, SIGKILL it there and
-    start it again; otherwise let it go on (SIGCONT) and look again a batch later."""
-    for _ in range(30):
-        await until(applied_more(db, mine))
+    """Stop the platform (SIGSTOP) the moment a batch's transaction shows committed, and
+    read what it left durable: the events past the group's committed position on the bus,
+    and which of them the inbox recorded as applied. With a partial refund among those,
+    SIGKILL it there and start it again; otherwise let it go on (SIGCONT) and try again."""
+    inbox = processed_events.c
+    loop = asyncio.get_running_loop()
+
+    async def inbox_size() -> int:
+        async with db.connect() as conn:
+            query = select(func.count()).where(inbox.consumer == GROUP)
+            return int((await conn.execute(query)).scalar_one())
+
+    for _ in range(40):
+        size, give_up = await inbox_size(), loop.time() + 60
+        # Poll without sleeping: the bus commit follows the transaction within milliseconds.
+        while await inbox_size() == size:
+            assert loop.time() < give_up, "lifecycle applied nothing for a minute"
         platform.pause()
         try:
             pending = [decode_event(v) for v in await platform.uncommitted(GROUP, LIFECYCLE_IN)]
@@ -416,7 +429,8 @@ async def stall_mid_batch_while_the_group_moves_on(
         await until(applied_more(db, mine))
         platform.pause("lifecycle")
         claimers = await inbox_claimers(db)
-        if claimers:
+        # Twice alike: a COMMIT sent just before the stop would end the transaction soon.
+        if claimers and claimers == await inbox_claimers(db):
             break
         platform.resume("lifecycle")
     else:

@@ -46,6 +46,7 @@ from libs.common.problems import PROBLEM_JSON, route_contexts
 SCHEMAS = "#/components/schemas/"
 BEARER = "bearerKey"
 SIGNATURE = "huitouSignature"
+SIGNING_SHOP = "huitouShop"
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 _DESCRIPTIONS = {
@@ -156,12 +157,12 @@ def events_body(max_batch: int) -> dict[str, Any]:
     """The request body of a route that reads canonical events raw (for its decorator's
     `openapi_extra={"requestBody": …}`): one event, or a JSON array of 1 to `max_batch`."""
     ref = {"$ref": SCHEMAS + "CanonicalEvent"}
-    kind = "canonical event"
     return {
         "required": True,
-        "description": f"One {kind}, or a JSON array of 1 to {max_batch:,}. The body is read "
-        "raw (signatures are verified on its bytes), then validated in full: one bad event "
-        "refuses the whole request, naming the field (`[1].data.total.amount_minor`).",
+        "description": f"One canonical event, or a JSON array of 1 to {max_batch:,}. The "
+        "body is read raw (signatures are verified on its bytes), then validated in full: "
+        "one bad event refuses the whole request, naming the field "
+        "(`[1].data.total.amount_minor`).",
         "content": {
             "application/json": {
                 "schema": {
@@ -240,8 +241,13 @@ def complete(document: dict[str, Any], routes: Iterable[Any]) -> None:
             "in": "header",
             "name": "X-Huitou-Signature",
             "description": '`t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` with the '
-            "shop's `huitou` webhook secret; `t` within 5 minutes. The shop is named by "
-            "`X-Huitou-Shop` (or the path).",
+            "shop's `huitou` webhook secret; `t` within 5 minutes.",
+        }
+        security[SIGNING_SHOP] = {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Huitou-Shop",
+            "description": "The shop whose `huitou` secret signed the request.",
         }
     paths = document.get("paths", {})
     for route in _api_routes(routes):

@@ -174,10 +174,7 @@ def build_router(
         responses=problem_responses(404, 413, 503),
         openapi_extra={
             "requestBody": events_body(MAX_BATCH),
-            "security": [{"bearerKey": []}, {"huitouSignature": []}],
-            "parameters": header_params(
-                {signing.SHOP_HEADER: "the signing shop, with X-Huitou-Signature"}
-            ),
+            "security": [{"bearerKey": []}, {"huitouSignature": [], "huitouShop": []}],
         },
     )
     async def post_events(request: Request) -> Response:

@@ -176,7 +176,7 @@ def test_trade_create_from_the_sdk_example_becomes_order_created(adapter: Taobao
     }
 
 
-def test_buyer_pay_becomes_order_paid_of_the_open_uid_keyed_by_trade(adapter: TaobaoAdapter) -> None:
+def test_buyer_pay_is_order_paid_of_the_open_uid_keyed_by_trade(adapter: TaobaoAdapter) -> None:
     event = normalize_one(adapter, sample("trade_buyer_pay.json"))
     assert event.type == "order.paid"
     assert event.subject == "AAHk5d-EAAeGwJedwSFu0XXX"
