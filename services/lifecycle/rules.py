@@ -352,6 +352,10 @@ def _rule_kind(value: Any) -> str | None:
     if "field" not in value:
         return None
     field, op = value["field"], value.get("op")
+    # Unhashable parts (a list or object where a name belongs) are left to the leaf
+    # models to refuse with a 422, never looked up in the sets below.
+    field = field if isinstance(field, str) else None
+    op = op if isinstance(op, str) else None
     if field == "returning":
         return "ReturningIs"
     if field in TEXT_FIELDS:

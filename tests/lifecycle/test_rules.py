@@ -666,3 +666,20 @@ def test_the_json_schema_refuses_what_the_grammar_refuses(obj: object) -> None:
     with pytest.raises(ValidationError):
         parse_rule(obj, bounded=True)
     assert not RULE_SCHEMA.is_valid(obj)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"field": {}},
+        {"field": []},
+        {"field": {}, "op": "eq", "value": False},
+        {"field": "city", "op": {}},
+    ],
+)
+def test_an_object_or_list_where_a_name_belongs_is_refused_not_a_crash(
+    bad: dict[str, object],
+) -> None:
+    """Found by the fuzzer: these raised TypeError (unhashable) and answered 500."""
+    with pytest.raises(ValidationError):
+        parse_rule(bad)
