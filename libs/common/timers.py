@@ -36,7 +36,7 @@ from sqlalchemy import delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common import metrics
-from libs.common.bus.base import is_transient_error
+from libs.common.bus.base import is_transient_error, task_health
 from libs.common.db.dialect import upsert
 from libs.common.db.engine import Database
 from libs.common.db.tables import dead_timers, timers
@@ -296,17 +296,12 @@ class TimerWorker:
 
     def health(self, stuck_after: float) -> str | None:
         """None while the worker works; otherwise why not (`/readyz` reports it)."""
-        task = self._task
-        if task is None:
-            return "not running"
-        if task.done():
-            if task.cancelled():
-                return "dead: its task was cancelled"
-            return f"dead: {task.exception()!r}"[:300]
-        idle = time.monotonic() - self._progress_at
-        if idle > max(stuck_after, self.poll_interval * 2):
-            return f"stuck: no round finished for {idle:.0f} s"
-        return None
+        return task_health(
+            self._task,
+            self._progress_at,
+            max(stuck_after, self.poll_interval * 2),
+            "no round finished",
+        )
 
     async def stop(self) -> None:
         _unwatch(self)

@@ -6,22 +6,17 @@ two foldings disagree or either depends on arrival order."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from itertools import pairwise
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from libs.common.db import Database
-from libs.common.db.migrations import migrate
 from libs.common.events import Envelope, parse_event
 from libs.common.inbox import claim_new
-from libs.common.settings import Settings
-from services.lifecycle import migrations
 from services.lifecycle.handlers import apply_events
 from services.lifecycle.models import customers, orders
 from tests.lifecycle.scenarios import EPOCH
@@ -33,14 +28,6 @@ IDENTITIES = (
     {"email": "guest@example.com"},
     {"email": "other@example.com"},
 )
-
-
-@pytest.fixture
-async def lifecycle_db(settings: Settings) -> AsyncIterator[Database]:
-    db = Database(settings.database_url_for("lifecycle"), "lifecycle")
-    await migrate(db, migrations)
-    yield db
-    await db.dispose()
 
 
 @st.composite

@@ -6,37 +6,24 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from libs.common.db import Database
-from libs.common.db.migrations import migrate
 from libs.common.db.tables import outbox
 from libs.common.events import Envelope, parse_event
 from libs.common.inbox import claim_new
-from libs.common.settings import Settings
 from libs.common.timers import TimerWorker
-from services.lifecycle import migrations
 from services.lifecycle.derivation import RESTAGE_TIMER, on_restage_timers
 from services.lifecycle.handlers import apply_events
 from services.lifecycle.models import customers
 from tests.lifecycle import reference
 from tests.lifecycle.scenarios import EPOCH, histories
-
-
-@pytest.fixture
-async def lifecycle_db(settings: Settings) -> AsyncIterator[Database]:
-    db = Database(settings.database_url_for("lifecycle"), "lifecycle")
-    await migrate(db, migrations)
-    yield db
-    await db.dispose()
 
 
 async def deliver(db: Database, batch: list[Envelope], now: Any) -> None:

@@ -237,17 +237,9 @@ class Consumer:
 
     def health(self) -> str | None:
         """None while the consumer works; otherwise why not (`/readyz` reports it)."""
-        task = self._task
-        if task is None:
-            return "not running"
-        if task.done():
-            if task.cancelled():
-                return "dead: its task was cancelled"
-            return f"dead: {task.exception()!r}"[:300]
-        idle = time.monotonic() - self._progress_at
-        if idle > self.stuck_after:
-            return f"stuck: nothing fetched or handled for {idle:.0f} s"
-        return None
+        return task_health(
+            self._task, self._progress_at, self.stuck_after, "nothing fetched or handled"
+        )
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """The loop never ends by itself: if it did, say so loudly (`/readyz` shows it)."""
@@ -423,3 +415,20 @@ async def replay_dead_letters(
                 replayed += len(batch)
     finally:
         await source.stop()
+
+
+def task_health(
+    task: asyncio.Task[None] | None, progress_at: float, stuck_after: float, idle_what: str
+) -> str | None:
+    """Why a background loop is not working (None while it is): not started, dead (its
+    task ended), or stuck (no progress since `progress_at` for `stuck_after` seconds)."""
+    if task is None:
+        return "not running"
+    if task.done():
+        if task.cancelled():
+            return "dead: its task was cancelled"
+        return f"dead: {task.exception()!r}"[:300]
+    idle = time.monotonic() - progress_at
+    if idle > stuck_after:
+        return f"stuck: {idle_what} for {idle:.0f} s"
+    return None
