@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.auth import Authenticator
 from libs.common.bus import BatchHandler, Bus, Consumer, Received, create_bus
+from libs.common.bus.base import ProgressHandler
 from libs.common.db import Database
 from libs.common.db.migrations import migrate
 from libs.common.events import Envelope, decode_event, topic_name
@@ -88,6 +89,8 @@ class Subscription:
     group: str
     topics: list[str]
     handler: BatchHandler
+    progress: ProgressHandler | None = None
+    """Told each partition's watermark now and then (`Consumer.watermarks`)."""
 
 
 @dataclass
@@ -196,7 +199,9 @@ class Runtime:
                 await task.start()
             await running.ctx.outbox.start()
             for sub in running.parts.subscriptions:
-                consumer = self.bus.consumer(sub.group, sub.topics, sub.handler)
+                consumer = self.bus.consumer(
+                    sub.group, sub.topics, sub.handler, progress=sub.progress
+                )
                 await consumer.start()
                 running.consumers.append(consumer)
             handlers = {

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     """How long ingest remembers published event ids (senders' retry horizon: Shopify
     retries for 48 hours)."""
     bus_publish_timeout_s: float = Field(default=10, gt=0)
+    journey_watermark_max_hold_s: float = Field(default=60, ge=0)
+    """How long past its due time a wait that an event could cancel may be held while
+    campaigns has not consumed every partition up to that time (then it fires anyway)."""
     """How long a publish waits for the bus (Kafka, or the embedded bus's `bus.db`) before
     it raises `BusUnavailable` and ingest answers 503."""
 

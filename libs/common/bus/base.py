@@ -103,10 +103,17 @@ class Received:
     key: str
     value: bytes
     headers: dict[str, str]
+    timestamp: float = 0.0
+    """When the bus appended it (epoch seconds): Kafka's record timestamp, the embedded
+    bus's commit time."""
 
 
 BatchHandler = Callable[[list[Received]], Awaitable[None]]
 """Handles a batch in one database transaction; raising means nothing was applied."""
+
+ProgressHandler = Callable[[dict[tuple[str, int], float]], Awaitable[None]]
+"""Told, now and then, each partition's watermark: the instant (epoch seconds) before which
+every message appended to it has been handled by this member (see `Consumer.watermarks`)."""
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -133,6 +140,11 @@ class Source(ABC):
     @abstractmethod
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind the end of each assigned partition, where known."""
+
+    @abstractmethod
+    def fetched_through(self) -> dict[tuple[str, int], float]:
+        """Assigned partitions whose last fetch reached their end, each with the instant
+        (epoch seconds) as of which it did: every message appended before it is fetched."""
 
     @abstractmethod
     async def caught_up(self) -> bool:
@@ -174,6 +186,7 @@ class Bus(ABC):
         handler: BatchHandler,
         *,
         batch_size: int | None = None,
+        progress: ProgressHandler | None = None,
     ) -> Consumer:
         """A consumer of `topics` in `group`; call `start()` to run it."""
         return Consumer(
@@ -182,6 +195,7 @@ class Bus(ABC):
             list(topics),
             handler,
             batch_size=batch_size or self.settings.consumer_batch_size,
+            progress=progress,
         )
 
 
@@ -196,8 +210,12 @@ class Consumer:
         handler: BatchHandler,
         *,
         batch_size: int,
+        progress: ProgressHandler | None = None,
     ) -> None:
         self.bus = bus
+        self.progress = progress
+        self._through: dict[tuple[str, int], float] = {}
+        self._reported_at = 0.0
         self.group = group
         self.topics = topics
         self.handler = handler
@@ -250,12 +268,20 @@ class Consumer:
             exc_info=error,
         )
 
+    def watermarks(self) -> dict[tuple[str, int], float]:
+        """Per assigned partition, the instant (epoch seconds) before which every message
+        appended to it has been handled: the newest handled message's append time, or,
+        once a fetch reached the partition's end and everything fetched was handled, the
+        instant as of which it did (an idle, caught-up partition counts as current)."""
+        return dict(self._through)
+
     async def _run(self) -> None:
         assert self._source is not None
         source = self._source
         while True:
             try:
                 batch = await source.fetch(self.batch_size, max_wait=1.0)
+                reached = source.fetched_through()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -265,10 +291,30 @@ class Consumer:
             finally:
                 self._progress_at = time.monotonic()
             self._report_lag(source)
-            if not batch:
-                continue
-            await self._handle(batch)
-            await self._commit(source, batch)
+            if batch:
+                await self._handle(batch)
+                await self._commit(source, batch)
+            await self._advance(batch, reached)
+
+    async def _advance(self, batch: list[Received], reached: dict[tuple[str, int], float]) -> None:
+        """Move the watermarks past what was just handled; report them every 0.2 s."""
+        through = self._through
+        for record in batch:
+            pair = (record.topic, record.partition)
+            if record.timestamp > through.get(pair, 0.0):
+                through[pair] = record.timestamp
+        for pair, instant in reached.items():
+            if instant > through.get(pair, 0.0):
+                through[pair] = instant
+        if self.progress is None or time.monotonic() - self._reported_at < 0.2:
+            return
+        self._reported_at = time.monotonic()
+        try:
+            await self.progress(dict(through))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("progress report failed", extra={"group": self.group, "error": repr(exc)})
 
     async def _commit(self, source: Source, batch: list[Received]) -> None:
         try:

@@ -230,6 +230,8 @@ class EmbeddedSource(Source):
         """Position of the last fetched record per partition (ahead of the committed one)."""
         self._lag: dict[tuple[str, int], int] = {}
         self._lag_measured_at = 0.0
+        self._through: dict[tuple[str, int], float] = {}
+        """Partitions the last fetch read to their end, and as of when."""
 
     async def start(self) -> None:
         self.bus._join(self)
@@ -266,11 +268,14 @@ class EmbeddedSource(Source):
     async def _fetch_once(self, max_records: int) -> list[Received]:
         await self._load_positions()
         records: list[Received] = []
+        self._through = {}
         async with self.bus.db.connect() as conn:
             for topic, partition in list(self.assignment):
                 if len(records) >= max_records:
                     break
                 position = self.positions.get((topic, partition), 0)
+                wanted = max_records - len(records)
+                started = time.time()
                 rows = (
                     await conn.execute(
                         select(
@@ -278,6 +283,7 @@ class EmbeddedSource(Source):
                             bus_messages.c.key,
                             bus_messages.c.value,
                             bus_messages.c.headers,
+                            bus_messages.c.created_at,
                         )
                         .where(
                             bus_messages.c.topic == topic,
@@ -285,15 +291,19 @@ class EmbeddedSource(Source):
                             bus_messages.c.seq > position,
                         )
                         .order_by(bus_messages.c.seq)
-                        .limit(max_records - len(records))
+                        .limit(wanted)
                     )
                 ).all()
-                for seq, key, value, headers in rows:
+                for seq, key, value, headers, created_at in rows:
                     records.append(
-                        Received(topic, partition, seq, key, value, orjson.loads(headers))
+                        Received(
+                            topic, partition, seq, key, value, orjson.loads(headers), created_at
+                        )
                     )
                 if rows:
                     self.positions[(topic, partition)] = rows[-1][0]
+                if len(rows) < wanted:  # its end: everything stored before `started`
+                    self._through[(topic, partition)] = started
             if time.monotonic() - self._lag_measured_at > 5.0:
                 await self._measure_lag(conn)
         return records
@@ -329,6 +339,9 @@ class EmbeddedSource(Source):
 
     def lag(self) -> dict[tuple[str, int], int]:
         return dict(self._lag)
+
+    def fetched_through(self) -> dict[tuple[str, int], float]:
+        return dict(self._through)
 
     async def caught_up(self) -> bool:
         await self._load_positions()

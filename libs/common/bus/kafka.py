@@ -204,6 +204,12 @@ class KafkaSource(Source):
         )
         for tp, records in batches.items():
             self._next[tp] = records[-1].offset + 1
+        for tp in self.consumer.assignment():
+            if tp not in self._next:
+                try:
+                    self._next[tp] = await self.consumer.position(tp)
+                except Exception:  # revoked meanwhile (a rebalance): known next time
+                    continue
         return [
             Received(
                 topic=record.topic,
@@ -212,6 +218,7 @@ class KafkaSource(Source):
                 key=(record.key or b"").decode(),
                 value=record.value,
                 headers={k: v.decode() for k, v in record.headers},
+                timestamp=record.timestamp / 1000,
             )
             for records in batches.values()
             for record in records
@@ -241,6 +248,17 @@ class KafkaSource(Source):
             if await self.consumer.position(tp) < ends[tp]:
                 return False
         return True
+
+    def fetched_through(self) -> dict[tuple[str, int], float]:
+        """Partitions whose high watermark (as of their last fetch response) the fetched
+        position has reached, with that response's time."""
+        out = {}
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            polled = self.consumer.last_poll_timestamp(tp)
+            if end is not None and polled and self._next.get(tp, -1) >= end:
+                out[(tp.topic, tp.partition)] = polled / 1000
+        return out
 
     def lag(self) -> dict[tuple[str, int], int]:
         """High watermark minus the next offset to fetch, per assigned partition."""

@@ -1,0 +1,1060 @@
+"""The journey engine: enrolls on events, walks steps, waits on durable timers, ends
+enrollments the moment a goal arrives, and requests messages through the outbox.
+
+One `Run` is one unit of work: a consumed batch (`apply_events`) or a round of fired
+timers (`fire_timers`). It loads what it needs with a few set-based queries, changes
+enrollments in memory, and writes everything back at the end (`Run.flush`): enrollments,
+timers, sends, `notification.requested` events (outbox), report counters and the re-entry
+ledger, in the transaction of the batch. A crash anywhere leaves nothing half done, and a
+replayed batch finds its events processed (inbox) and requests no second message.
+
+Lock order, on every path (consumer, timer worker, API): the enrollment's timer row first,
+then the enrollment row. A timer being fired is locked by its claim; a consumer about to
+end or move waiting enrollments locks their timer rows (`FOR UPDATE`) before re-reading
+the enrollments `FOR UPDATE`, so it waits for a fire in progress and then sees what it did;
+the fire re-checks the enrollment's status and step inside its own transaction, so a goal
+that committed first always wins.
+
+Timing: waits count from the trigger event's time (then from the previous wait's due
+time). A wait that an event could cancel (the journey has goals or `wait_for` steps) fires
+only once campaigns has handled every partition up to its due time (`watermarks`), at
+most `journey_watermark_max_hold_s` late: a payment made at minute 59 and still in the
+pipeline cancels the reminder instead of racing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+from prometheus_client import Counter, Gauge
+from sqlalchemy import and_, delete, or_, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.bus.base import Message
+from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.tables import shops, timers
+from libs.common.events import Envelope, NotificationRequestedData, new_event, topic_for
+from libs.common.outbox import enqueue
+from libs.common.timers import Timer, schedule, timer_key
+from services.campaigns import projection
+from services.campaigns.conditions import evaluate
+from services.campaigns.definitions import Cap, Definition, Step, Window, parse_definition
+from services.campaigns.models import (
+    counters,
+    enrollments,
+    entries,
+    journey_versions,
+    journeys,
+    sends,
+    watermarks,
+)
+
+log = logging.getLogger(__name__)
+
+TIMER_KINDS = {"transactional": "journey.transactional", "marketing": "journey.marketing"}
+"""One timer kind per category: the worker claims them in separate lanes (`lanes.py`)."""
+LIVE = ("waiting", "held")
+MAX_DRY_STEPS = 100
+CONSUMER = "campaigns"
+
+ENROLLED = Counter(
+    "huitou_campaigns_enrollments_total", "Enrollments started", ["category", "group"]
+)
+EXITED = Counter("huitou_campaigns_exits_total", "Enrollments ended, by reason", ["reason"])
+STEPS = Counter("huitou_campaigns_steps_total", "Journey steps executed", ["action"])
+SENDS = Counter("huitou_campaigns_sends_total", "Send steps, by outcome", ["category", "outcome"])
+WATERMARK_LAG = Gauge(
+    "huitou_campaigns_watermark_lag_seconds",
+    "How far the consumed-everything-before instant trails the clock",
+)
+WATERMARK_HOLDS = Counter(
+    "huitou_campaigns_watermark_holds_total",
+    "Cancellable waits held back because the pipeline had not caught up",
+    ["outcome"],
+)
+_REASON_LABELS = 40
+"""Exit reasons are operator text; metrics keep a bounded set (`_reason_label`)."""
+
+
+@dataclass(eq=False)
+class Enrollment:
+    shop_id: str
+    enrollment_id: str
+    journey_id: str
+    version: int
+    customer_id: str
+    order_id: str | None
+    status: str
+    step_id: str | None
+    due_at: datetime | None
+    held_out: bool
+    context: dict[str, Any]
+    entered_at: datetime
+    updated_at: datetime
+    exit_reason: str | None = None
+    converted_at: datetime | None = None
+    revenue_minor: int | None = None
+    messaged: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.shop_id, self.enrollment_id)
+
+    @property
+    def timer(self) -> str:
+        return timer_key(self.shop_id, "enr", self.enrollment_id)
+
+    def row(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in _ROW}
+        out["context"] = orjson.dumps(self.context).decode()
+        return out
+
+
+_ROW = (
+    "shop_id",
+    "enrollment_id",
+    "journey_id",
+    "version",
+    "customer_id",
+    "order_id",
+    "status",
+    "step_id",
+    "due_at",
+    "held_out",
+    "context",
+    "entered_at",
+    "updated_at",
+    "exit_reason",
+    "converted_at",
+    "revenue_minor",
+    "messaged",
+)
+
+
+def _from_row(row: Any) -> Enrollment:
+    values = {name: row[name] for name in _ROW}
+    values["context"] = orjson.loads(values["context"])
+    return Enrollment(**values)
+
+
+@dataclass
+class Journey:
+    shop_id: str
+    journey_id: str
+    status: str
+    version: int
+    """The current version (the one that admits)."""
+    category: str
+    versions: dict[int, tuple[Definition, datetime | None]] = field(default_factory=dict)
+
+    def definition(self, version: int) -> Definition:
+        return self.versions[version][0]
+
+
+_parsed: dict[tuple[str, str, int], Definition] = {}
+
+
+def _definition(shop: str, journey_id: str, version: int, text: str) -> Definition:
+    key = (shop, journey_id, version)
+    found = _parsed.get(key)
+    if found is None:
+        if len(_parsed) > 10_000:
+            _parsed.clear()
+        found = _parsed[key] = parse_definition(orjson.loads(text))
+    return found
+
+
+async def load_journeys(
+    conn: AsyncConnection, shop_ids: Iterable[str], *, statuses: Sequence[str] | None = None
+) -> dict[tuple[str, str], Journey]:
+    """The shops' journeys (not drafts) with every version's definition."""
+    wanted = sorted(set(shop_ids))
+    if not wanted:
+        return {}
+    j, v = journeys.c, journey_versions.c
+    query = (
+        select(j.shop_id, j.journey_id, j.status, j.version, j.category, v.version.label("v"))
+        .add_columns(v.definition, v.active_since)
+        .join(
+            journey_versions,
+            and_(v.shop_id == j.shop_id, v.journey_id == j.journey_id),
+        )
+        .where(j.shop_id.in_(wanted), j.status.in_(statuses or ("active", "paused", "archived")))
+    )
+    out: dict[tuple[str, str], Journey] = {}
+    for row in (await conn.execute(query)).mappings():
+        key = (row["shop_id"], row["journey_id"])
+        journey = out.get(key)
+        if journey is None:
+            journey = out[key] = Journey(
+                row["shop_id"], row["journey_id"], row["status"], row["version"], row["category"]
+            )
+        definition = _definition(row["shop_id"], row["journey_id"], row["v"], row["definition"])
+        journey.versions[row["v"]] = (definition, row["active_since"])
+    return out
+
+
+def enrollment_id(shop: str, journey_id: str, trigger: str) -> str:
+    """Deterministic: the same trigger (event or broadcast slot) makes the same id."""
+    return hashlib.sha256(f"{shop}|{journey_id}|{trigger}".encode()).hexdigest()[:32]
+
+
+def in_holdout(journey_id: str, customer_id: str, percent: int) -> bool:
+    """Deterministic by journey and customer: the same customer is always in the same
+    group of a journey, whichever event enrolls them."""
+    if percent <= 0:
+        return False
+    digest = hashlib.sha256(f"{journey_id}|{customer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000 < percent * 100
+
+
+def next_window(anchor: datetime, zone: ZoneInfo, window: Window) -> datetime:
+    """The first instant at or after `anchor` inside the daily window (local time in
+    `zone`, on one of its weekdays)."""
+    local = anchor.astimezone(zone)
+    for days in range(0, 8):
+        day = (local + timedelta(days=days)).date()
+        if day.isoweekday() not in window.weekdays:
+            continue
+        start = datetime.combine(day, window.at, tzinfo=zone)
+        end = datetime.combine(day, window.until, tzinfo=zone) if window.until else None
+        if days == 0 and local >= start:
+            if end is None or local < end:
+                return anchor
+            continue
+        return start.astimezone(UTC)
+    return anchor  # no allowed weekday matched within a week: cannot happen (min_length=1)
+
+
+def _reason_label(reason: str) -> str:
+    base = reason.split(":", 1)[0]
+    return base if len(base) <= _REASON_LABELS else "other"
+
+
+def _tz(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (KeyError, ValueError):
+        return ZoneInfo("UTC")
+
+
+class Run:
+    """One unit of work (see the module docstring)."""
+
+    def __init__(
+        self, conn: AsyncConnection, now: datetime, *, namespace: str = "", dry: bool = False
+    ) -> None:
+        self.conn = conn
+        self.now = now
+        self.namespace = namespace
+        self.dry = dry
+        self.postgres = conn.dialect.name == "postgresql"
+        self.journeys: dict[tuple[str, str], Journey] = {}
+        self.live: dict[tuple[str, str], Enrollment] = {}
+        self.changed: set[tuple[str, str]] = set()
+        self.new: set[tuple[str, str]] = set()
+        self.schedule: dict[str, Timer] = {}
+        self.cancel: set[str] = set()
+        self.tally: Tally[tuple[str, str, int, str]] = Tally()
+        self.entries: dict[tuple[str, str, str], datetime] = {}
+        self.send_rows: list[dict[str, Any]] = []
+        self.messages: list[Message] = []
+        self.path: list[dict[str, Any]] = []
+        """Dry run: what happened, step by step."""
+        self.zones: dict[str, ZoneInfo] = {}
+        self.shop_names: dict[str, str] = {}
+        self.snap = projection.Snapshot()
+        self._by_customer: dict[tuple[str, str], list[Enrollment]] = {}
+        self._by_order: dict[tuple[str, str], list[Enrollment]] = {}
+
+    # Loading ------------------------------------------------------------------------
+
+    async def load_shops(self, shop_ids: Iterable[str]) -> None:
+        wanted = sorted(set(shop_ids) - set(self.zones))
+        if not wanted:
+            return
+        rows = await self.conn.execute(
+            select(shops.c.shop_id, shops.c.timezone, shops.c.name).where(
+                shops.c.shop_id.in_(wanted)
+            )
+        )
+        for shop, zone, name in rows:
+            self.zones[shop] = _tz(zone)
+            self.shop_names[shop] = name
+        for shop in wanted:
+            self.zones.setdefault(shop, ZoneInfo("UTC"))
+
+    async def lock_live(self, where: Any) -> list[Enrollment]:
+        """Live enrollments matching `where`, locked in the one lock order: their timer
+        rows first, then the enrollment rows (re-read after the locks, so a fire that
+        committed meanwhile is seen)."""
+        e = enrollments.c
+        base = select(e.shop_id, e.enrollment_id).where(e.status.in_(LIVE), where)
+        keys = sorted(tuple(r) for r in await self.conn.execute(base))
+        keys = [k for k in keys if k not in self.live]
+        if not keys:
+            return []
+        found: list[Enrollment] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            if self.postgres:
+                timer_keys = sorted(timer_key(s, "enr", i) for s, i in chunk)
+                await self.conn.execute(
+                    select(timers.c.key)
+                    .where(timers.c.key.in_(timer_keys))
+                    .order_by(timers.c.key)
+                    .with_for_update()
+                )
+            query = (
+                select(enrollments)
+                .where(tuple_(e.shop_id, e.enrollment_id).in_(chunk), e.status.in_(LIVE))
+                .order_by(e.shop_id, e.enrollment_id)
+            )
+            if self.postgres:
+                query = query.with_for_update()
+            for row in (await self.conn.execute(query)).mappings():
+                enrollment = _from_row(row)
+                self.add(enrollment)
+                found.append(enrollment)
+        return found
+
+    def add(self, enrollment: Enrollment) -> None:
+        if enrollment.key in self.live:
+            return
+        self.live[enrollment.key] = enrollment
+        self._by_customer.setdefault((enrollment.shop_id, enrollment.customer_id), []).append(
+            enrollment
+        )
+        if enrollment.order_id is not None:
+            self._by_order.setdefault((enrollment.shop_id, enrollment.order_id), []).append(
+                enrollment
+            )
+
+    def about(self, shop: str, customer_id: str | None, order_id: str | None) -> list[Enrollment]:
+        """Loaded enrollments of this customer or order (each once)."""
+        found = list(self._by_customer.get((shop, customer_id or ""), ()))
+        for enrollment in self._by_order.get((shop, order_id or ""), ()):
+            if enrollment not in found:
+                found.append(enrollment)
+        return found
+
+    # Bookkeeping ---------------------------------------------------------------------
+
+    def count(self, enrollment: Enrollment, name: str, n: int = 1) -> None:
+        self.tally[(enrollment.shop_id, enrollment.journey_id, enrollment.version, name)] += n
+
+    def touch(self, enrollment: Enrollment) -> None:
+        enrollment.updated_at = self.now
+        self.changed.add(enrollment.key)
+
+    def finish(self, enrollment: Enrollment, status: str, reason: str) -> None:
+        if enrollment.status in LIVE:
+            self.cancel.add(enrollment.timer)
+            self.schedule.pop(enrollment.timer, None)
+        enrollment.status = status
+        enrollment.exit_reason = reason
+        enrollment.due_at = None
+        self.touch(enrollment)
+        self.count(enrollment, f"exited:{reason}")
+        EXITED.labels(_reason_label(reason)).inc()
+        if self.dry:
+            self.path.append({"exit": reason})
+
+    def wait(
+        self, enrollment: Enrollment, step: Step, due: datetime, mode: str, gated: bool
+    ) -> None:
+        journey = self.journeys[(enrollment.shop_id, enrollment.journey_id)]
+        enrollment.status = "waiting"
+        enrollment.step_id = step.id
+        enrollment.due_at = due
+        self.touch(enrollment)
+        self.cancel.discard(enrollment.timer)
+        self.schedule[enrollment.timer] = Timer(
+            enrollment.timer,
+            TIMER_KINDS[journey.category],
+            enrollment.shop_id,
+            due,
+            {"e": enrollment.enrollment_id, "s": step.id, "m": mode, "g": gated},
+        )
+        if self.dry:
+            self.path.append({"step": step.id, "wait_until": due.isoformat(), "mode": mode})
+
+    # Walking steps -----------------------------------------------------------------
+
+    def facts(self, enrollment: Enrollment) -> dict[str, Any]:
+        customer = self.snap.customer(enrollment.shop_id, enrollment.customer_id)
+        order = self.snap.order(enrollment.shop_id, enrollment.order_id)
+        return {**enrollment.context.get("facts", {}), **projection.state_facts(customer, order)}
+
+    async def walk(self, enrollment: Enrollment, index: int, anchor: datetime) -> None:
+        """Run steps from `index` until the enrollment waits or ends."""
+        journey = self.journeys[(enrollment.shop_id, enrollment.journey_id)]
+        definition = journey.definition(enrollment.version)
+        steps = definition.steps
+        gated = definition.cancellable
+        while index < len(steps):
+            step = steps[index]
+            action = step.action
+            STEPS.labels(action).inc()
+            if step.wait is not None:
+                self.wait(enrollment, step, anchor + step.wait, "wait", gated)
+                return
+            if step.wait_until is not None:
+                due = next_window(anchor, self.zones[enrollment.shop_id], step.wait_until)
+                if due > anchor:
+                    self.wait(enrollment, step, due, "wait", gated)
+                    return
+            elif step.wait_for is not None:
+                self.wait(enrollment, step, anchor + step.wait_for.timeout, "wait", gated)
+                return
+            elif step.branch is not None:
+                holds = evaluate(step.branch.if_, self.facts(enrollment))
+                target = step.branch.then if holds else step.branch.else_
+                if self.dry:
+                    self.path.append({"step": step.id, "branch": holds, "to": target})
+                if target is not None:
+                    index = definition.step_index(target)
+                    continue
+            elif step.send is not None:
+                deferred = await self.send(enrollment, definition, step, anchor)
+                if deferred is not None:
+                    self.wait(enrollment, step, deferred, "defer", gated)
+                    return
+            elif step.exit is not None:
+                self.finish(enrollment, "exited", f"exit:{step.exit}")
+                return
+            index += 1
+        self.finish(enrollment, "completed", "completed")
+
+    async def send(
+        self, enrollment: Enrollment, definition: Definition, step: Step, anchor: datetime
+    ) -> datetime | None:
+        """Request the step's message (or record why not); returns when to try again if a
+        cap defers it."""
+        assert step.send is not None
+        category = definition.category
+        if enrollment.held_out:
+            self.count(enrollment, "msg:held_out")
+            SENDS.labels(category, "held_out").inc()
+            if self.dry:
+                self.path.append({"step": step.id, "send": "held_out"})
+            return None
+        for cap in definition.caps:
+            allowed_at = await self.cap_allows_at(enrollment, definition, cap)
+            if allowed_at is None:
+                continue
+            first_try = enrollment.context.get("deferred_since") or self.now.isoformat()
+            deadline = datetime.fromisoformat(first_try) + cap.defer_max
+            if cap.on_cap == "skip":
+                self.count(enrollment, "cap:skipped")
+                SENDS.labels(category, "cap_skipped").inc()
+                if self.dry:
+                    self.path.append({"step": step.id, "send": "skipped", "reason": "cap"})
+                return None
+            if allowed_at > deadline:
+                enrollment.context.pop("deferred_since", None)
+                self.count(enrollment, "cap:expired")
+                SENDS.labels(category, "cap_expired").inc()
+                if self.dry:
+                    self.path.append({"step": step.id, "send": "dropped", "reason": "cap_expired"})
+                return None
+            if "deferred_since" not in enrollment.context:
+                enrollment.context["deferred_since"] = first_try
+                self.count(enrollment, "cap:deferred")
+                SENDS.labels(category, "cap_deferred").inc()
+            return allowed_at
+        enrollment.context.pop("deferred_since", None)
+        key = (
+            f"{enrollment.shop_id}:{enrollment.journey_id}:v{enrollment.version}:"
+            f"{step.id}:{enrollment.enrollment_id}"
+        )
+        customer = self.snap.customer(enrollment.shop_id, enrollment.customer_id) or {}
+        to = None
+        if step.send.to == "customer":
+            to = customer.get("phone") if step.send.channel == "sms" else customer.get("email")
+        variables = {
+            "shop": {"name": self.shop_names.get(enrollment.shop_id)},
+            **enrollment.context.get("vars", {}),
+        }
+        variables.setdefault("customer", {})["name"] = customer.get("name")
+        if self.dry:
+            self.path.append(
+                {
+                    "step": step.id,
+                    "send": step.send.channel,
+                    "template": step.send.template,
+                    "to": to,
+                    "variables": variables,
+                }
+            )
+            return None
+        data = NotificationRequestedData.model_validate(
+            {
+                "idempotency_key": key,
+                "channel": step.send.channel,
+                "customer_id": enrollment.customer_id,
+                "template": step.send.template,
+                "to": to,
+                "variables": variables,
+                "category": category,
+                "recipient": step.send.to,
+                "journey_id": enrollment.journey_id,
+                "journey_version": enrollment.version,
+                "step_id": step.id,
+                "enrollment_id": enrollment.enrollment_id,
+            }
+        )
+        event = new_event(
+            type="notification.requested",
+            shop_id=enrollment.shop_id,
+            source=f"huitou/campaigns/{enrollment.shop_id}",
+            data=data,
+            subject=enrollment.customer_id,
+            id=hashlib.sha256(key.encode()).hexdigest()[:40],
+            time=self.now,
+        )
+        self.messages.append(
+            Message(
+                topic_for(event.type, self.namespace),
+                f"{enrollment.shop_id}:{enrollment.customer_id}",
+                event.to_bytes(),
+            )
+        )
+        self.send_rows.append(
+            {
+                "shop_id": enrollment.shop_id,
+                "idempotency_key": key,
+                "journey_id": enrollment.journey_id,
+                "version": enrollment.version,
+                "enrollment_id": enrollment.enrollment_id,
+                "customer_id": enrollment.customer_id,
+                "category": category,
+                "channel": step.send.channel,
+                "requested_at": self.now,
+                "status": "requested",
+                "reason": None,
+            }
+        )
+        enrollment.messaged = True
+        self.count(enrollment, "msg:requested")
+        SENDS.labels(category, "requested").inc()
+        return None
+
+    async def cap_allows_at(
+        self, enrollment: Enrollment, definition: Definition, cap: Cap
+    ) -> datetime | None:
+        """None if the cap lets a message go now; else when the oldest counted message
+        leaves the rolling period."""
+        since = self.now - cap.period
+        s = sends.c
+        query = select(s.requested_at).where(
+            s.shop_id == enrollment.shop_id,
+            s.customer_id == enrollment.customer_id,
+            s.requested_at > since,
+        )
+        if cap.scope == "journey":
+            query = query.where(s.journey_id == enrollment.journey_id)
+        else:
+            query = query.where(s.category == definition.category)
+        times = list((await self.conn.execute(query)).scalars())
+        times += [
+            row["requested_at"]
+            for row in self.send_rows
+            if row["shop_id"] == enrollment.shop_id
+            and row["customer_id"] == enrollment.customer_id
+            and (
+                row["journey_id"] == enrollment.journey_id
+                if cap.scope == "journey"
+                else row["category"] == definition.category
+            )
+        ]
+        if len(times) < cap.max:
+            return None
+        times.sort()
+        oldest_counted: datetime = times[len(times) - cap.max]
+        return oldest_counted + cap.period
+
+    # Writing -------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        if self.dry:
+            return
+        conn = self.conn
+        if self.cancel:
+            keys = sorted(self.cancel - set(self.schedule))
+            for start in range(0, len(keys), 500):
+                await conn.execute(
+                    delete(timers).where(timers.c.key.in_(keys[start : start + 500]))
+                )
+        if self.schedule:
+            await schedule(conn, list(self.schedule.values()))
+        rows = [self.live[key].row() for key in sorted(self.changed)]
+        if rows:
+            columns = [c for c in _ROW if c not in ("shop_id", "enrollment_id")]
+            await conn.execute(
+                upsert(conn, enrollments, ["shop_id", "enrollment_id"], columns), rows
+            )
+        if self.send_rows:
+            await conn.execute(insert_ignore(conn, sends), self.send_rows)
+        await enqueue(conn, self.messages)
+        if self.entries:
+            await conn.execute(
+                upsert(conn, entries, ["shop_id", "journey_id", "entry_key"], ["last_entered_at"]),
+                [
+                    {"shop_id": s, "journey_id": j, "entry_key": k, "last_entered_at": at}
+                    for (s, j, k), at in sorted(self.entries.items())
+                ],
+            )
+        await add_counts(conn, self.tally)
+
+
+async def add_counts(conn: AsyncConnection, tally: Tally[tuple[str, str, int, str]]) -> None:
+    """Add to the report counters (one upsert for the batch)."""
+    if not tally:
+        return
+    await conn.execute(
+        upsert(
+            conn,
+            counters,
+            ["shop_id", "journey_id", "version", "name"],
+            [],
+            merge=lambda excluded: {"n": counters.c.n + excluded.n},
+        ),
+        [
+            {"shop_id": s, "journey_id": j, "version": v, "name": name, "n": n}
+            for (s, j, v, name), n in sorted(tally.items())
+        ],
+    )
+
+
+# The consumer path -----------------------------------------------------------------
+
+
+def _matches(
+    enrollment: Enrollment, match: str, order_id: str | None, customer: str | None
+) -> bool:
+    if match == "order":
+        return order_id is not None and enrollment.order_id == order_id
+    return customer is not None and enrollment.customer_id == customer
+
+
+def _goal_status(event_type: str) -> str | None:
+    """The order status an order goal's event type stands for (`order.paid` → `paid`)."""
+    return event_type.split(".", 1)[1] if event_type.startswith("order.") else None
+
+
+async def apply_events(
+    conn: AsyncConnection,
+    events: Sequence[Envelope],
+    *,
+    namespace: str = "",
+    now: datetime | None = None,
+) -> None:
+    """Apply a consumed batch: projection, goals, waits for events, conversions, triggers."""
+    run = Run(conn, now or datetime.now(UTC), namespace=namespace)
+    shop_ids = {e.shop_id for e in events}
+    run.snap = await projection.load(conn, events)
+    await run.load_shops(shop_ids)
+    run.journeys = await load_journeys(conn, shop_ids)
+    # The projection is applied for the whole batch first (to know whom every event is
+    # about and lock what it may touch); each `Resolved` keeps the order's statuses as of
+    # its event, which is what the goal-met check at enrollment looks at. Carrier updates
+    # naming a waybill no order named yet wait (parked) until an order names it.
+    ready: list[tuple[Envelope, projection.Resolved]] = []
+    waiting: list[Envelope] = []
+    for event in events:
+        who = projection.apply(run.snap, event)
+        if projection.waits_for_order(event, who):
+            waiting.append(event)
+        else:
+            ready.append((event, who))
+    linked = projection.linked_parcels(run.snap)
+    if linked:
+        revived = [*waiting, *await projection.unpark(conn, linked)]
+        waiting = []
+        for event in revived:
+            who = projection.apply(run.snap, event)
+            if projection.waits_for_order(event, who):
+                waiting.append(event)
+            else:
+                ready.append((event, who))
+    await projection.park(conn, waiting, run.now)
+    await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
+    for event, who in ready:
+        await _on_event(run, event, who)
+    await projection.save(conn, run.snap)
+    await run.flush()
+
+
+async def _load_affected(
+    run: Run, events: Sequence[Envelope], resolved: Sequence[projection.Resolved]
+) -> None:
+    """Lock the live enrollments the batch's events may end or move, and load the ones
+    their payments may convert."""
+    interesting: dict[str, set[str]] = {}
+    for journey in run.journeys.values():
+        for definition, _ in journey.versions.values():
+            types = {g.event for g in definition.goals}
+            types |= {s.wait_for.event for s in definition.steps if s.wait_for is not None}
+            interesting.setdefault(journey.shop_id, set()).update(types)
+    e = enrollments.c
+    clauses = []
+    converts = []
+    for event, who in zip(events, resolved, strict=True):
+        if event.type in interesting.get(event.shop_id, ()):
+            if who.order_id is not None:
+                clauses.append(and_(e.shop_id == event.shop_id, e.order_id == who.order_id))
+            if who.customer_id is not None:
+                clauses.append(and_(e.shop_id == event.shop_id, e.customer_id == who.customer_id))
+        if event.type == "order.paid" and who.customer_id is not None:
+            converts.append((event.shop_id, who.customer_id))
+        if event.type == "customer.merged":
+            merged = [str(m) for m in event.data.get("merged_ids") or ()]
+            clauses.append(and_(e.shop_id == event.shop_id, e.customer_id.in_(merged)))
+    for start in range(0, len(clauses), 200):
+        await run.lock_live(or_(*clauses[start : start + 200]))
+    if converts:
+        horizon = run.now - timedelta(days=400)
+        query = select(enrollments).where(
+            tuple_(e.shop_id, e.customer_id).in_(sorted(set(converts))),
+            e.converted_at.is_(None),
+            e.entered_at >= horizon,
+        )
+        for row in (await run.conn.execute(query)).mappings():
+            run.add(_from_row(row))
+
+
+async def _on_event(run: Run, event: Envelope, who: projection.Resolved) -> None:
+    shop = event.shop_id
+    if event.type == "customer.merged":
+        _follow_merge(run, event, who)
+    live = run.about(shop, who.customer_id, who.order_id)
+    facts: dict[str, Any] | None = None
+
+    def event_facts() -> dict[str, Any]:
+        nonlocal facts
+        if facts is None:
+            customer = run.snap.customer(shop, who.customer_id)
+            order = run.snap.order(shop, who.order_id)
+            facts = {
+                **projection.event_facts(event, run.now),
+                **projection.state_facts(customer, order),
+            }
+        return facts
+
+    for enrollment in live:
+        if enrollment.status not in LIVE:
+            if event.type == "order.paid":
+                _convert(run, enrollment, event, who)
+            continue
+        journey = run.journeys.get((shop, enrollment.journey_id))
+        if journey is None:
+            continue
+        definition = journey.definition(enrollment.version)
+        goal = next(
+            (
+                g
+                for g in definition.goals
+                if g.event == event.type
+                and _matches(enrollment, g.match, who.order_id, who.customer_id)
+                and (g.if_ is None or evaluate(g.if_, event_facts()))
+            ),
+            None,
+        )
+        if goal is not None:
+            run.finish(enrollment, "exited", f"goal:{event.type}")
+        elif enrollment.status == "waiting" and enrollment.step_id is not None:
+            step = definition.steps[definition.step_index(enrollment.step_id)]
+            wait_for = step.wait_for
+            if (
+                wait_for is not None
+                and wait_for.event == event.type
+                and _matches(enrollment, wait_for.match, who.order_id, who.customer_id)
+                and (wait_for.if_ is None or evaluate(wait_for.if_, event_facts()))
+                and journey.status == "active"
+            ):
+                run.cancel.add(enrollment.timer)
+                run.schedule.pop(enrollment.timer, None)
+                target = wait_for.then
+                index = (
+                    definition.step_index(target) if target else definition.step_index(step.id) + 1
+                )
+                enrollment.context.setdefault("facts", {}).update(
+                    projection.event_facts(event, run.now)
+                )
+                await run.walk(enrollment, index, max(event.time, enrollment.entered_at))
+        if event.type == "order.paid":
+            _convert(run, enrollment, event, who)
+    await _trigger(run, event, who, event_facts)
+
+
+def _convert(run: Run, enrollment: Enrollment, event: Envelope, who: projection.Resolved) -> None:
+    """An order paid within the journey's attribution window after the enrollment began
+    converts it (once): counted for lift in both groups, and as a conversion with revenue
+    when a message had been requested."""
+    if enrollment.converted_at is not None or who.customer_id != enrollment.customer_id:
+        return
+    journey = run.journeys.get((enrollment.shop_id, enrollment.journey_id))
+    if journey is None or enrollment.version not in journey.versions:
+        return
+    window = journey.definition(enrollment.version).attribution_window
+    paid_at = event.time
+    if not enrollment.entered_at <= paid_at <= enrollment.entered_at + window:
+        return
+    order = run.snap.order(enrollment.shop_id, who.order_id) or {}
+    revenue = int(order.get("total_minor") or 0)
+    enrollment.converted_at = paid_at
+    enrollment.revenue_minor = revenue
+    run.touch(enrollment)
+    run.count(enrollment, "converted:held_out" if enrollment.held_out else "converted:treated")
+    if enrollment.messaged:
+        run.count(enrollment, "conversions")
+        run.count(enrollment, "revenue", revenue)
+
+
+def _follow_merge(run: Run, event: Envelope, who: projection.Resolved) -> None:
+    """Enrollments of merged-away profiles continue as the surviving customer's."""
+    merged = {str(m) for m in event.data.get("merged_ids") or ()}
+    for enrollment in run.live.values():
+        if enrollment.shop_id == event.shop_id and enrollment.customer_id in merged:
+            enrollment.customer_id = who.customer_id or enrollment.customer_id
+            run.touch(enrollment)
+
+
+async def _trigger(
+    run: Run,
+    event: Envelope,
+    who: projection.Resolved,
+    facts: Callable[[], dict[str, Any]],
+) -> None:
+    shop = event.shop_id
+    for journey in run.journeys.values():
+        if journey.shop_id != shop or journey.status != "active":
+            continue
+        definition, active_since = journey.versions[journey.version]
+        trigger = definition.trigger
+        if trigger.event != event.type or who.customer_id is None:
+            continue
+        if active_since is None or event.time < active_since:
+            continue  # history is not a trigger: only what happened after activation
+        if definition.key == "order" and who.order_id is None:
+            continue
+        if trigger.if_ is not None and not evaluate(trigger.if_, facts()):
+            continue
+        await enroll(run, journey, definition, event, who, facts())
+
+
+async def enroll(
+    run: Run,
+    journey: Journey,
+    definition: Definition,
+    event: Envelope,
+    who: projection.Resolved,
+    facts: dict[str, Any],
+) -> Enrollment | None:
+    assert who.customer_id is not None
+    shop, version = journey.shop_id, journey.version
+    tag = (shop, journey.journey_id, version)
+    order_id = who.order_id if definition.key == "order" else None
+    # A goal the order has met already (its payment came first) ends it before it starts.
+    if definition.key == "order":
+        reached = who.order_statuses
+        if any(g.match == "order" and _goal_status(g.event) in reached for g in definition.goals):
+            run.tally[(*tag, "refused:goal_met")] += 1
+            return None
+    reentry = definition.reentry
+    entry_key = f"o:{who.order_id}" if reentry.per == "order" else f"c:{who.customer_id}"
+    if reentry.per != "always":
+        last = run.entries.get((shop, journey.journey_id, entry_key))
+        if last is None:
+            last = (
+                await run.conn.execute(
+                    select(entries.c.last_entered_at).where(
+                        entries.c.shop_id == shop,
+                        entries.c.journey_id == journey.journey_id,
+                        entries.c.entry_key == entry_key,
+                    )
+                )
+            ).scalar()
+        refused = last is not None and (
+            reentry.per != "customer_days" or event.time < last + timedelta(days=reentry.days or 0)
+        )
+        if refused:
+            run.tally[(*tag, f"refused:{reentry.per}")] += 1
+            if run.dry:
+                run.path.append({"refused": f"reentry:{reentry.per}"})
+            return None
+        run.entries[(shop, journey.journey_id, entry_key)] = event.time
+    held_out = in_holdout(journey.journey_id, who.customer_id, definition.holdout_percent)
+    enrollment = Enrollment(
+        shop_id=shop,
+        enrollment_id=enrollment_id(shop, journey.journey_id, event.dedupe_key),
+        journey_id=journey.journey_id,
+        version=version,
+        customer_id=who.customer_id,
+        order_id=order_id or who.order_id,
+        status="waiting",
+        step_id=None,
+        due_at=None,
+        held_out=held_out,
+        context={
+            "facts": {k: v for k, v in facts.items() if k.startswith("event.")},
+            "vars": projection.template_variables(
+                event,
+                run.snap.customer(shop, who.customer_id),
+                run.snap.order(shop, who.order_id),
+            ),
+            "trigger": event.dedupe_key,
+        },
+        entered_at=event.time,
+        updated_at=run.now,
+    )
+    run.add(enrollment)
+    run.new.add(enrollment.key)
+    run.count(enrollment, "entered")
+    if held_out:
+        run.count(enrollment, "held_out")
+    ENROLLED.labels(definition.category, "held_out" if held_out else "treated").inc()
+    if run.dry:
+        run.path.append({"enrolled": True, "held_out": held_out})
+    await run.walk(enrollment, 0, event.time)
+    return enrollment
+
+
+# The timer path ----------------------------------------------------------------------
+
+
+async def watermark(conn: AsyncConnection) -> float | None:
+    """The instant (epoch seconds) before which every message of every partition campaigns
+    consumes has been handled; None until the consumers reported."""
+    value = (
+        await conn.execute(
+            select(watermarks.c.through)
+            .where(watermarks.c.consumer == CONSUMER)
+            .order_by(watermarks.c.through)
+            .limit(1)
+        )
+    ).scalar()
+    return None if value is None else float(value)
+
+
+async def fire_timers(
+    conn: AsyncConnection,
+    fired: Sequence[Timer],
+    *,
+    namespace: str = "",
+    max_hold: float = 60.0,
+    now: datetime | None = None,
+) -> None:
+    """Waits that came due: re-check each enrollment (a goal may have ended it), hold it
+    while its journey is paused, hold cancellable waits until the pipeline caught up, and
+    walk on."""
+    run = Run(conn, now or datetime.now(UTC), namespace=namespace)
+    by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
+    e = enrollments.c
+    query = (
+        select(enrollments)
+        .where(tuple_(e.shop_id, e.enrollment_id).in_(sorted(by_key)))
+        .order_by(e.shop_id, e.enrollment_id)
+    )
+    if run.postgres:
+        query = query.with_for_update()
+    loaded = [_from_row(row) for row in (await conn.execute(query)).mappings()]
+    gated_any = any(t.payload.get("g") for t in fired)
+    mark = await watermark(conn) if gated_any else None
+    if mark is not None:
+        WATERMARK_LAG.set(max(0.0, run.now.timestamp() - mark))
+    await run.load_shops(en.shop_id for en in loaded)
+    run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
+    keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
+    run.snap = await projection_state(conn, keys)
+    for enrollment in loaded:
+        timer = by_key[enrollment.key]
+        run.add(enrollment)
+        if enrollment.status != "waiting" or enrollment.step_id != timer.payload["s"]:
+            continue  # a goal or an event moved it on first
+        journey = run.journeys.get((enrollment.shop_id, enrollment.journey_id))
+        if journey is None or journey.status == "archived":
+            continue
+        if journey.status == "paused":
+            enrollment.status = "held"
+            run.touch(enrollment)
+            continue
+        if timer.payload.get("g"):
+            # The wait's own due time (a held timer comes back later than it).
+            due = (enrollment.due_at or timer.due_at).timestamp()
+            if mark is None or mark < due:
+                if run.now.timestamp() - due < max_hold:
+                    WATERMARK_HOLDS.labels("held").inc()
+                    run.schedule[enrollment.timer] = Timer(
+                        timer.key,
+                        timer.kind,
+                        timer.shop_id,
+                        run.now + timedelta(seconds=0.2),
+                        timer.payload,
+                    )
+                    continue
+                WATERMARK_HOLDS.labels("max_hold_reached").inc()
+        await resume(run, journey, enrollment, timer.payload.get("m", "wait"))
+    await run.flush()
+
+
+async def resume(run: Run, journey: Journey, enrollment: Enrollment, mode: str) -> None:
+    """Walk on from the step the enrollment waited at (its due time is the new anchor)."""
+    definition = journey.definition(enrollment.version)
+    assert enrollment.step_id is not None and enrollment.due_at is not None
+    index = definition.step_index(enrollment.step_id)
+    step = definition.steps[index]
+    anchor = enrollment.due_at
+    if mode == "defer":
+        await run.walk(enrollment, index, anchor)  # the capped send, tried again
+        return
+    if step.wait_for is not None and step.wait_for.on_timeout:
+        index = definition.step_index(step.wait_for.on_timeout)
+    else:
+        index += 1
+    await run.walk(enrollment, index, anchor)
+
+
+async def projection_state(
+    conn: AsyncConnection, keys: Iterable[tuple[str, str, str | None]]
+) -> projection.Snapshot:
+    """The projection rows of these (shop, customer, order) triples."""
+    from services.campaigns.models import customers, orders
+
+    snap = projection.Snapshot()
+    wanted = list(set(keys))
+    customer_keys = sorted({(s, c) for s, c, _ in wanted})
+    order_keys = sorted({(s, o) for s, _, o in wanted if o is not None})
+    for start in range(0, len(customer_keys), 500):
+        rows = await conn.execute(
+            select(customers).where(
+                tuple_(customers.c.shop_id, customers.c.customer_id).in_(
+                    customer_keys[start : start + 500]
+                )
+            )
+        )
+        for row in rows.mappings():
+            value = dict(row)
+            value["tags"] = orjson.loads(value["tags"])
+            snap.customers[(value["shop_id"], value["customer_id"])] = value
+    for start in range(0, len(order_keys), 500):
+        rows = await conn.execute(
+            select(orders).where(
+                tuple_(orders.c.shop_id, orders.c.order_id).in_(order_keys[start : start + 500])
+            )
+        )
+        for row in rows.mappings():
+            value = dict(row)
+            value["statuses"] = orjson.loads(value["statuses"])
+            value["skus"] = orjson.loads(value["skus"])
+            snap.orders[(value["shop_id"], value["order_id"])] = value
+    return snap
