@@ -843,8 +843,10 @@ async def _trigger(
         trigger = definition.trigger
         if trigger.event != event.type or who.customer_id is None:
             continue
-        if active_since is None or event.time < active_since:
-            continue  # history is not a trigger: only what happened after activation
+        if active_since is None or event.time < active_since.replace(microsecond=0):
+            # History is not a trigger: only what happened after activation, to the second
+            # (platforms and carriers report whole seconds).
+            continue
         if definition.key == "order" and who.order_id is None:
             continue
         if trigger.if_ is not None and not evaluate(trigger.if_, facts()):
