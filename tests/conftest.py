@@ -88,9 +88,14 @@ async def platform(
 ) -> AsyncIterator[Platform]:
     """Huitou started as a user starts it: `huitou up` (embedded), or `huitou serve` per
     service on PostgreSQL and the broker (distributed). Small consumer batches make a
-    backlog take many transactions, so a kill lands in the middle of one."""
+    backlog (of events or due timers) take many transactions, so a kill lands in the
+    middle of one."""
     workdir = tmp_path_factory.mktemp(f"platform-{request.param}")
-    extra: dict[str, Any] = {"consumer_batch_size": 10, "bus_publish_timeout_s": 2}
+    extra: dict[str, Any] = {
+        "consumer_batch_size": 10,
+        "timer_batch_size": 20,
+        "bus_publish_timeout_s": 2,
+    }
     if request.param == "embedded":
         settings = make_settings("embedded", workdir, **extra)
     else:

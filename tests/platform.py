@@ -63,6 +63,7 @@ class Platform:
             HUITOU_TOPIC_MIN_INSYNC_REPLICAS=str(s.topic_min_insync_replicas),
             HUITOU_TIMER_POLL_INTERVAL_S="0.2",
             HUITOU_CONSUMER_BATCH_SIZE=str(s.consumer_batch_size),
+            HUITOU_TIMER_BATCH_SIZE=str(s.timer_batch_size),
             HUITOU_BUS_PUBLISH_TIMEOUT_S=str(s.bus_publish_timeout_s),
         )
         if s.database_url:

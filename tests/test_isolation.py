@@ -90,6 +90,11 @@ def public(path: str) -> list[Probe]:
 
 
 SHOP_BODY = {"shop_id": "{shop}", "name": "Taken Over", "currency": "CNY"}
+JOURNEY = {
+    "name": "taken over",
+    "trigger": {"event": "order.paid"},
+    "steps": [{"id": "send", "send": {"channel": "sms", "template": "b-template"}}],
+}
 A_EVENT = "event-for-a"
 """Placeholder body: a canonical order event of shop A (built in the test)."""
 
@@ -238,6 +243,33 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
     ("GET", "/v1/overview"): [
         *blind("/v1/overview", sees=lambda b: b["buyers_365d"] == 0 and b["members"] == 0),
     ],
+    # -- campaigns: journeys and playbooks ---------------------------------------------
+    ("POST", "/v1/journeys"): [
+        Probe("/v1/journeys", params={"shop_id": "{shop}"}, json=JOURNEY, refused=frozenset({403}))
+    ],
+    ("GET", "/v1/journeys"): blind("/v1/journeys"),
+    ("GET", "/v1/journeys/{journey_id}"): naming_a("/v1/journeys/{journey}"),
+    ("PUT", "/v1/journeys/{journey_id}"): naming_a("/v1/journeys/{journey}", json=JOURNEY),
+    ("POST", "/v1/journeys/{journey_id}/activate"): naming_a("/v1/journeys/{journey}/activate"),
+    ("POST", "/v1/journeys/{journey_id}/pause"): naming_a("/v1/journeys/{journey}/pause"),
+    ("POST", "/v1/journeys/{journey_id}/resume"): naming_a("/v1/journeys/{journey}/resume"),
+    ("POST", "/v1/journeys/{journey_id}/archive"): naming_a("/v1/journeys/{journey}/archive"),
+    ("POST", "/v1/journeys/{journey_id}/dry-run"): naming_a(
+        "/v1/journeys/{journey}/dry-run", json={"customer_id": "{customer}", "event": A_EVENT}
+    ),
+    ("GET", "/v1/journeys/{journey_id}/enrollments"): naming_a(
+        "/v1/journeys/{journey}/enrollments"
+    ),
+    ("GET", "/v1/journeys/{journey_id}/report"): naming_a("/v1/journeys/{journey}/report"),
+    ("GET", "/v1/playbooks"): [Probe("/v1/playbooks", refused=None)],
+    ("POST", "/v1/playbooks/{name}"): [
+        Probe(
+            "/v1/playbooks/unpaid_reminder",
+            params={"shop_id": "{shop}"},
+            json={"params": {}},
+            refused=frozenset({403}),
+        )
+    ],
     # -- no shop data: nothing of A may show ------------------------------------------
     ("GET", "/healthz"): public("/healthz"),
     ("GET", "/readyz"): public("/readyz"),
@@ -338,6 +370,16 @@ async def _setup(platform: Platform) -> Shops:
     )
     assert r.status_code == 201, r.text
     segment = r.json()["segment_id"]
+    r = await platform.request(
+        "POST",
+        "/v1/journeys",
+        key=key_a,
+        json={**JOURNEY, "name": "a-journey", "steps": [{"id": "wait", "wait": "P30D"}]},
+    )
+    assert r.status_code == 201, r.text
+    journey = r.json()["journey_id"]
+    r = await platform.request("POST", f"/v1/journeys/{journey}/activate", key=key_a)
+    assert r.status_code == 200, r.text
     r = await platform.request("GET", "/v1/policy", key=key_a)
     policy = r.json()
     policy["levels"][0]["name"] = "A-GOLD"
@@ -361,6 +403,7 @@ async def _setup(platform: Platform) -> Shops:
         "b_segment": r.json()["segment_id"],
         "key_id": spare_key_id,
         "note": note,
+        "journey": journey,
     }
     return Shops(a, b, {"a": key_a, "b": key_b}, ids, event, policy)
 
@@ -378,6 +421,9 @@ async def _snapshot(platform: Platform, shops: Shops) -> dict[str, Any]:
         ("segments", "/v1/segments", shops.keys["a"], {}),
         ("segment_count", f"/v1/segments/{shops.ids['segment']}/count", admin, a),
         ("policy", "/v1/policy", admin, a),
+        ("journey", f"/v1/journeys/{shops.ids['journey']}", admin, a),
+        ("journeys", "/v1/journeys", shops.keys["a"], {}),
+        ("journey_report", f"/v1/journeys/{shops.ids['journey']}/report", admin, a),
     ]:
         r = await platform.request("GET", path, key=key, params=params)
         assert r.status_code == 200, (path, r.text)
@@ -460,7 +506,7 @@ async def _attempt(platform: Platform, shops: Shops, route: str, probe: Probe) -
     sent = f"{path} {params} {(content or b'').decode()}"  # an id B sent may be echoed
     leaked = [
         name
-        for name in ("shop", "customer", "phone", "email", "segment", "note", "key_id")
+        for name in ("shop", "customer", "phone", "email", "segment", "note", "key_id", "journey")
         if ids[name] in r.text and ids[name] not in sent
     ] + (["A's policy"] if "A-GOLD" in r.text else [])
     if leaked:
