@@ -100,6 +100,9 @@ class ServiceParts:
     timer_handlers: dict[str, TimerHandler] = field(default_factory=dict)
     recurring: list[Recurring] = field(default_factory=list)
     """Jobs run every so often on the service's timer workers."""
+    timer_lanes: list[list[str]] = field(default_factory=list)
+    """Timer kinds claimed apart (`TimerWorker.lanes`), e.g. transactional waits apart
+    from marketing ones."""
     background: list[Background] = field(default_factory=list)
     """Tasks started after migrations and stopped before the database closes."""
 
@@ -216,6 +219,7 @@ class Runtime:
                     batch_size=self.settings.timer_batch_size,
                     poll_interval=self.settings.timer_poll_interval_s,
                     max_attempts=self.settings.timer_max_attempts,
+                    lanes=running.parts.timer_lanes,
                 )
                 await running.timers.start()
         log.info("services started", extra={"services": [s.name for s in self.specs]})

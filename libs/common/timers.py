@@ -120,8 +120,14 @@ _PG_CLAIM = _CLAIM.format(now="$1", limit="$2", key="", lock=" FOR UPDATE SKIP L
 _PG_CLAIM_KEY = _CLAIM.format(
     now="$1", limit="$2", key=" AND key = $3", lock=" FOR UPDATE SKIP LOCKED"
 )
+_PG_CLAIM_LANE = _CLAIM.format(
+    now="$1", limit="$2", key=" AND kind = ANY($3::varchar[])", lock=" FOR UPDATE SKIP LOCKED"
+)
 _SQLITE_CLAIM = _CLAIM.format(now="?1", limit="?2", key="", lock="")
 _SQLITE_CLAIM_KEY = _CLAIM.format(now="?1", limit="?2", key=" AND key = ?3", lock="")
+_SQLITE_CLAIM_LANE = _CLAIM.format(
+    now="?1", limit="?2", key=" AND kind IN (SELECT value FROM json_each(?3))", lock=""
+)
 _NEXT_DUE = "SELECT min(due_at) FROM timers"
 
 
@@ -268,6 +274,7 @@ class TimerWorker:
         poll_interval: float = 0.5,
         max_attempts: int = 10,
         clock: Clock = utcnow,
+        lanes: Sequence[Sequence[str]] = (),
     ) -> None:
         self.db = db
         self.service = service
@@ -276,6 +283,14 @@ class TimerWorker:
         self.poll_interval = poll_interval
         self.max_attempts = max_attempts
         self.clock = clock
+        self.lanes: list[list[str] | None] = [None]
+        """Kinds claimed apart, each lane in its own batches: with `lanes` given, every
+        round claims one batch per lane (the kinds in no lane make one more), so timers of
+        one lane coming due by the million never delay another's by more than a batch."""
+        if lanes:
+            named = [list(lane) for lane in lanes]
+            rest = sorted(set(self.handlers) - {k for lane in named for k in lane})
+            self.lanes = [*named, *([rest] if rest else [])]
         self._task: asyncio.Task[None] | None = None
         self._postgres = db.is_postgres
         self._nap = min(_NAP, poll_interval)
@@ -371,9 +386,17 @@ class TimerWorker:
         async with self.db.engine.connect() as conn:
             while True:
                 now = self.clock()
-                fired, next_due = await self._round(now, conn)
-                self._progress_at = time.monotonic()
-                if fired < self.batch_size:
+                fired = 0
+                next_due: datetime | None = None
+                full = False
+                for lane in self.lanes:
+                    claimed, due = await self._round(now, conn, lane)
+                    self._progress_at = time.monotonic()
+                    fired += claimed
+                    full = full or claimed >= self.batch_size
+                    if due is not None and (next_due is None or due < next_due):
+                        next_due = due
+                if not full:
                     return fired, next_due, now
 
     def _delay(self, claimed_at: datetime, fired: int, next_due: datetime | None) -> float:
@@ -404,11 +427,13 @@ class TimerWorker:
             self._sleeping = None
 
     async def fire_due(self) -> int:
-        """Claim and fire one batch of due timers; returns how many were claimed."""
-        return (await self._round(self.clock()))[0]
+        """Claim and fire one batch of due timers (one per lane); returns how many were
+        claimed."""
+        now = self.clock()
+        return sum([(await self._round(now, None, lane))[0] for lane in self.lanes])
 
     async def _round(
-        self, now: datetime, conn: AsyncConnection | None = None
+        self, now: datetime, conn: AsyncConnection | None = None, lane: list[str] | None = None
     ) -> tuple[int, datetime | None]:
         """Fire one batch due at `now` (in a transaction on `conn` if given); returns how
         many were claimed and, after a partial batch, when the earliest timer left is due
@@ -416,9 +441,9 @@ class TimerWorker:
         try:
             if conn is None:
                 async with self.db.begin() as own:
-                    return await self._claim_and_fire(own, now)
+                    return await self._claim_and_fire(own, now, lane)
             async with conn.begin():
-                return await self._claim_and_fire(conn, now)
+                return await self._claim_and_fire(conn, now, lane)
         except Exception as exc:
             if is_transient_error(exc):
                 raise  # nothing wrong with the timers: the next round fires them again
@@ -426,9 +451,9 @@ class TimerWorker:
         return await self._fire_one_by_one(now), None
 
     async def _claim_and_fire(
-        self, conn: AsyncConnection, now: datetime
+        self, conn: AsyncConnection, now: datetime, lane: list[str] | None = None
     ) -> tuple[int, datetime | None]:
-        claimed = await self._claim(conn, now, self.batch_size)
+        claimed = await self._claim(conn, now, self.batch_size, lane=lane)
         await self._fire(conn, claimed, now)
         next_due = None
         if len(claimed) < self.batch_size:
@@ -442,14 +467,26 @@ class TimerWorker:
         return _from_sqlite_time(due)
 
     async def _claim(
-        self, conn: AsyncConnection, now: datetime, limit: int, key: str | None = None
+        self,
+        conn: AsyncConnection,
+        now: datetime,
+        limit: int,
+        key: str | None = None,
+        *,
+        lane: list[str] | None = None,
     ) -> list[Timer]:
         if self._postgres:
             params: tuple[Any, ...] = (_aware(now), limit)
             statement = _PG_CLAIM if key is None else _PG_CLAIM_KEY
+            if lane is not None:
+                statement = _PG_CLAIM_LANE
+                params += (lane,)
         else:
             params = (sqlite_utc_text(now), limit)
             statement = _SQLITE_CLAIM if key is None else _SQLITE_CLAIM_KEY
+            if lane is not None:
+                statement = _SQLITE_CLAIM_LANE
+                params += (orjson.dumps(lane).decode(),)
         if key is not None:
             params += (key,)
         rows: Sequence[Any] = (await conn.exec_driver_sql(statement, params)).all()

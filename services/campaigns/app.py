@@ -3,7 +3,7 @@ is met (`engine`), the shipped playbooks (`playbooks`) and the reports (`reports
 
 It consumes every domain topic (orders, parcels, behaviour, lifecycle's customer changes)
 and the notifier's statuses, fires waits on the durable timers (one lane per category, so
-a marketing broadcast never delays a transactional reminder: `lanes`), and requests
+a marketing broadcast never delays a transactional reminder: `TimerWorker.lanes`), and requests
 messages through its outbox on `notifications.requested`.
 """
 
@@ -75,6 +75,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
             ),
         ],
         timer_handlers=dict.fromkeys(TIMER_KINDS.values(), fire),
+        timer_lanes=[[kind] for kind in TIMER_KINDS.values()],
     )
 
 

@@ -60,7 +60,7 @@ from services.campaigns.models import (
 log = logging.getLogger(__name__)
 
 TIMER_KINDS = {"transactional": "journey.transactional", "marketing": "journey.marketing"}
-"""One timer kind per category: the worker claims them in separate lanes (`lanes.py`)."""
+"""One timer kind per category: the worker claims them in separate lanes (`TimerWorker.lanes`)."""
 LIVE = ("waiting", "held")
 MAX_DRY_STEPS = 100
 CONSUMER = "campaigns"

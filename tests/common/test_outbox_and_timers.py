@@ -277,3 +277,36 @@ async def test_recurring_job_runs_once_per_period_and_prunes_old_ids(db: Databas
         [due] = list((await conn.execute(select(timers.c.due_at))).scalars())
     assert kept == ["recent"]
     assert due > datetime.now(UTC) + timedelta(minutes=55), "it rescheduled itself"
+
+
+async def test_lanes_keep_a_flood_of_one_kind_from_delaying_another(db: Database) -> None:
+    """A broadcast's thousand due timers, due first, and one reminder: with lanes the
+    reminder fires in the first round; claimed by due time alone it would wait behind
+    every batch of the broadcast (the control)."""
+    async with db.begin() as conn:
+        await schedule(
+            conn,
+            [
+                Timer(f"shop|b{n}", "broadcast", "shop", NOW - timedelta(hours=1, seconds=n))
+                for n in range(1000)
+            ]
+            + [Timer("shop|reminder", "reminder", "shop", NOW)],
+        )
+    fired: dict[str, list[str]] = {"broadcast": [], "reminder": []}
+
+    def recorder(kind: str) -> TimerHandler:
+        async def handle(_conn: AsyncConnection, batch: list[Timer]) -> None:
+            fired[kind] += [t.key for t in batch]
+
+        return handle
+
+    handlers = {kind: recorder(kind) for kind in fired}
+    by_due = TimerWorker(db, "plumbing", handlers, clock=lambda: NOW, batch_size=100)
+    assert await by_due.fire_due() == 100
+    assert fired["reminder"] == []  # the control: behind 900 broadcast timers
+    laned = TimerWorker(
+        db, "plumbing", handlers, clock=lambda: NOW, batch_size=100, lanes=[["reminder"]]
+    )
+    assert await laned.fire_due() == 101
+    assert fired["reminder"] == ["shop|reminder"]
+    assert len(fired["broadcast"]) == 200
