@@ -300,6 +300,21 @@ class TagChangedData(_Data):
     tag: NonEmpty
 
 
+TagName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\s/][^/]*$"), NoNul]
+"""A tag's name, as lifecycle defines tags."""
+
+
+class TagRequestedData(_Data):
+    """`customer.tag_requested`: another service (a journey's tag step) asks lifecycle to
+    give a manual tag to a customer or take it away. Lifecycle creates the manual tag when
+    the shop has none of that name; it never overrides an automatic tag's rule."""
+
+    customer_id: NonEmpty
+    tag: TagName
+    action: Literal["add", "remove"]
+    requested_by: NonEmpty | None = None
+
+
 class CustomerMergedData(_Data):
     """`customer.merged`: profiles found to be one person were folded into `customer_id`."""
 
@@ -363,6 +378,7 @@ CUSTOMER_TYPES = (
     "customer.tag_removed",
     "customer.level_changed",
     "customer.merged",
+    "customer.tag_requested",
 )
 NOTIFICATION_TYPES = ("notification.requested", "notification.status")
 SHOP_TYPES = ("shop.registered", "shop.updated", "shop.key_issued", "shop.key_revoked")
@@ -379,6 +395,7 @@ DATA_SCHEMAS: dict[str, type[_Data]] = {
     "customer.tag_removed": TagChangedData,
     "customer.level_changed": LevelChangedData,
     "customer.merged": CustomerMergedData,
+    "customer.tag_requested": TagRequestedData,
     "notification.requested": NotificationRequestedData,
     "notification.status": NotificationStatusData,
     "shop.registered": ShopData,

@@ -63,12 +63,19 @@ class ServiceContext:
         self,
         consumer: str,
         apply: Callable[[AsyncConnection, list[Envelope]], Awaitable[None]],
+        *,
+        types: frozenset[str] | None = None,
     ) -> BatchHandler:
         """A batch handler that decodes, drops already-processed event ids and calls
-        `apply` with the new events, all in one transaction, then wakes the outbox relay."""
+        `apply` with the new events, all in one transaction, then wakes the outbox relay.
+        With `types`, events of other types are skipped before anything is recorded."""
 
         async def handle(batch: list[Received]) -> None:
             events = [decode_event(r.value) for r in batch]
+            if types is not None:
+                events = [e for e in events if e.type in types]
+                if not events:
+                    return
             async with self.db.begin() as conn:
                 new_ids = await claim_new(conn, consumer, (e.dedupe_key for e in events))
                 seen: set[str] = set()

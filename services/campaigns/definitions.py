@@ -26,6 +26,8 @@ Steps run in order; each has an `id` (unique) and one action:
   next step) when the timeout does;
 - `branch`: `{"if": condition, "then": step_id, "else"?: step_id}`;
 - `send`: `{"channel": "sms"|"email", "template", "to"?: "customer"|"staff"}`;
+- `tag`: `{"add": name}` or `{"remove": name}` — asks lifecycle (`customer.tag_requested`,
+  which lifecycle consumes; campaigns never touches its tables);
 - `exit`: a reason (text).
 Jumps (`then`, `else`, `on_timeout`) only go forward, so every enrollment ends.
 
@@ -54,11 +56,13 @@ from pydantic import (
     model_validator,
 )
 
-from libs.common.events import DATA_SCHEMAS, NOTIFICATION_TYPES, SHOP_TYPES
+from libs.common.events import DATA_SCHEMAS, NOTIFICATION_TYPES, SHOP_TYPES, TagName
 from services.campaigns.conditions import Condition
 
 TRIGGER_TYPES: tuple[str, ...] = tuple(
-    t for t in DATA_SCHEMAS if t not in SHOP_TYPES and t not in NOTIFICATION_TYPES
+    t
+    for t in DATA_SCHEMAS
+    if t not in SHOP_TYPES and t not in NOTIFICATION_TYPES and t != "customer.tag_requested"
 )
 """Event types a journey can trigger on, wait for or take as a goal."""
 ORDER_KEYED_TYPES: tuple[str, ...] = tuple(
@@ -187,7 +191,18 @@ class Send(_Strict):
     to: Literal["customer", "staff"] = "customer"
 
 
-ACTIONS = ("wait", "wait_until", "wait_for", "branch", "send", "exit")
+class TagChange(_Strict):
+    add: TagName | None = None
+    remove: TagName | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TagChange:
+        if (self.add is None) == (self.remove is None):
+            raise ValueError("give exactly one of 'add' and 'remove'")
+        return self
+
+
+ACTIONS = ("wait", "wait_until", "wait_for", "branch", "send", "tag", "exit")
 
 
 class Step(_Strict):
@@ -197,6 +212,7 @@ class Step(_Strict):
     wait_for: WaitFor | None = None
     branch: Branch | None = None
     send: Send | None = None
+    tag: TagChange | None = None
     exit: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
     @model_validator(mode="after")

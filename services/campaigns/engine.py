@@ -41,7 +41,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from libs.common.bus.base import Message
 from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.db.tables import shops, timers
-from libs.common.events import Envelope, NotificationRequestedData, new_event, topic_for
+from libs.common.events import (
+    Envelope,
+    NotificationRequestedData,
+    TagRequestedData,
+    new_event,
+    topic_for,
+)
 from libs.common.outbox import enqueue
 from libs.common.timers import Timer, schedule, timer_key
 from services.campaigns import projection
@@ -428,6 +434,8 @@ class Run:
                 if deferred is not None:
                     self.wait(enrollment, step, deferred, "defer", gated)
                     return
+            elif step.tag is not None:
+                self.request_tag(enrollment, step)
             elif step.exit is not None:
                 self.finish(enrollment, "exited", f"exit:{step.exit}")
                 return
@@ -547,6 +555,37 @@ class Run:
         self.count(enrollment, "msg:requested")
         SENDS.labels(category, "requested").inc()
         return None
+
+    def request_tag(self, enrollment: Enrollment, step: Step) -> None:
+        """Ask lifecycle to add or remove a manual tag (`customer.tag_requested`); the
+        event id is the enrollment's and step's, so a replay asks once."""
+        assert step.tag is not None
+        action = "add" if step.tag.add is not None else "remove"
+        tag = step.tag.add or step.tag.remove
+        assert tag is not None
+        self.count(enrollment, f"tag:{action}")
+        if self.dry:
+            self.path.append({"step": step.id, "tag": action, "name": tag})
+            return
+        if enrollment.held_out:
+            return  # the holdout gets no treatment, tags included
+        event = new_event(
+            type="customer.tag_requested",
+            shop_id=enrollment.shop_id,
+            source=f"huitou/campaigns/{enrollment.shop_id}",
+            data=TagRequestedData(
+                customer_id=enrollment.customer_id,
+                tag=tag,
+                action=action,
+                requested_by=f"journey:{enrollment.journey_id}",
+            ),
+            subject=enrollment.customer_id,
+            id=hashlib.sha256(f"{enrollment.enrollment_id}|{step.id}".encode()).hexdigest()[:40],
+            time=self.now,
+        )
+        self.messages.append(
+            Message(topic_for(event.type, self.namespace), event.key, event.to_bytes())
+        )
 
     async def cap_allows_at(
         self, enrollment: Enrollment, definition: Definition, cap: Cap

@@ -16,6 +16,7 @@ from services.lifecycle.derivation import (
     on_restage_timers,
 )
 from services.lifecycle.handlers import apply_events
+from services.lifecycle.tagging import TAG_REQUEST_TIMER, apply_requests, on_tag_request_timers
 
 GROUP = "lifecycle"
 
@@ -25,6 +26,12 @@ def build(ctx: ServiceContext) -> ServiceParts:
 
     async def apply(conn: AsyncConnection, events: list[Envelope]) -> None:
         await apply_events(conn, events, namespace=namespace)
+
+    async def tag_requests(conn: AsyncConnection, events: list[Envelope]) -> None:
+        await apply_requests(conn, events, namespace)
+
+    async def tag_requests_due(conn: AsyncConnection, fired: list[Timer]) -> None:
+        await on_tag_request_timers(conn, fired, namespace)
 
     async def restage_due(conn: AsyncConnection, fired: list[Timer]) -> None:
         await on_restage_timers(conn, fired, namespace=namespace)
@@ -39,9 +46,22 @@ def build(ctx: ServiceContext) -> ServiceParts:
                 GROUP,
                 [ctx.topic("orders"), ctx.topic("behavior"), ctx.topic("logistics")],
                 ctx.events_handler(GROUP, apply),
-            )
+            ),
+            Subscription(
+                f"{GROUP}.requests",
+                [ctx.topic("customers")],
+                ctx.events_handler(
+                    f"{GROUP}.requests",
+                    tag_requests,
+                    types=frozenset({"customer.tag_requested"}),
+                ),
+            ),
         ],
-        timer_handlers={RESTAGE_TIMER: restage_due, RESTAGE_SHOP_TIMER: restage_shop_due},
+        timer_handlers={
+            RESTAGE_TIMER: restage_due,
+            RESTAGE_SHOP_TIMER: restage_shop_due,
+            TAG_REQUEST_TIMER: tag_requests_due,
+        },
     )
 
 

@@ -8,8 +8,10 @@ changing the stage policy, starts a job that re-derives every customer of the sh
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -17,15 +19,17 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore
+from libs.common.events import Envelope, TagRequestedData, decode_event
 from libs.common.outbox import enqueue
 from libs.common.problems import Problem
-from libs.common.timers import schedule
+from libs.common.timers import Timer, schedule, timer_key
 from services.lifecycle.derivation import restage, restage_shop_timer
 from services.lifecycle.emitted import tag_event
 from services.lifecycle.models import customer_tags, customers, tags
 from services.lifecycle.rules import Rule, dump_rule
 
 MAX_TAGS_PER_SHOP = 100
+log = logging.getLogger(__name__)
 
 
 async def tag_row(conn: AsyncConnection, shop_id: str, name: str) -> Any:
@@ -201,3 +205,83 @@ async def copy_members(
     if move:
         await _remove(conn, shop_id, source, members, namespace)
     return added
+
+
+TAG_REQUEST_TIMER = "tag_request.retry"
+TAG_REQUEST_TRIES = 30
+"""A request for a customer lifecycle has not seen yet (its first event is still on its
+way through another topic) is tried again every 2 s, this many times, then dropped."""
+
+
+async def on_tag_request_timers(
+    conn: AsyncConnection, fired: Sequence[Timer], namespace: str
+) -> None:
+    for timer in fired:
+        event = decode_event(str(timer.payload["event"]).encode())
+        await apply_requests(conn, [event], namespace, tries=int(timer.payload["tries"]))
+
+
+async def apply_requests(
+    conn: AsyncConnection, events: Sequence[Envelope], namespace: str, *, tries: int = 0
+) -> None:
+    """`customer.tag_requested` from other services (a journey's tag step), in order.
+
+    A tag the shop does not have yet is created as a manual tag (while the shop is under
+    its 100); an automatic tag is left to its rule; a request for a customer lifecycle does
+    not know yet is tried again shortly (`TAG_REQUEST_TRIES`): each with a warning, never a
+    failure that would hold the partition."""
+    for event in events:
+        data = event.typed_data()
+        assert isinstance(data, TagRequestedData)
+        shop, name = event.shop_id, data.tag
+        row = (
+            await conn.execute(select(tags).where(tags.c.shop_id == shop, tags.c.name == name))
+        ).first()
+        if row is None and data.action == "add":
+            count = (
+                await conn.execute(select(func.count()).where(tags.c.shop_id == shop))
+            ).scalar_one()
+            if count >= MAX_TAGS_PER_SHOP:
+                log.warning("tag request dropped: the shop has 100 tags", extra={"shop": shop})
+                continue
+            await create_tag(conn, shop, name, None)
+        elif row is None:
+            continue  # nobody has a tag that does not exist
+        elif row.kind != "manual":
+            log.warning(
+                "tag request dropped: the tag is automatic", extra={"shop": shop, "tag": name}
+            )
+            continue
+        known = (
+            await conn.execute(
+                select(customers.c.customer_id).where(
+                    customers.c.shop_id == shop,
+                    customers.c.customer_id == data.customer_id,
+                    customers.c.merged_into.is_(None),
+                )
+            )
+        ).first()
+        if known is None:
+            if tries + 1 >= TAG_REQUEST_TRIES:
+                log.warning("tag request dropped: unknown customer", extra={"shop": shop})
+                continue
+            retry = Timer(
+                timer_key(shop, "tagreq", hashlib.sha256(event.dedupe_key.encode()).hexdigest()),
+                TAG_REQUEST_TIMER,
+                shop,
+                datetime.now(UTC) + timedelta(seconds=2),
+                {"event": event.to_bytes().decode(), "tries": tries + 1},
+            )
+            await schedule(conn, [retry])
+            continue
+        if data.action == "add":
+            await _add(conn, shop, name, [data.customer_id], namespace)
+            continue
+        ct = customer_tags.c
+        held = await conn.execute(
+            select(ct.customer_id).where(
+                ct.shop_id == shop, ct.customer_id == data.customer_id, ct.tag == name
+            )
+        )
+        if held.first() is not None:
+            await _remove(conn, shop, name, [data.customer_id], namespace)

@@ -514,3 +514,40 @@ async def test_an_invalid_journey_is_refused_with_a_pointer_to_the_bad_node(
     assert fields == {"steps.1.branch.if.value", "steps.2.wait"}
     r = await platform.request("GET", "/v1/journeys", key=key)
     assert r.json()["items"] == []
+
+
+async def test_a_tag_step_asks_lifecycle_and_its_change_triggers_another_journey(
+    platform: Platform,
+) -> None:
+    shop, key = await new_shop(platform)
+    await make_journey(
+        platform,
+        key,
+        {
+            "name": "tag carts",
+            "trigger": {"event": "cart.added"},
+            "steps": [{"id": "tag", "tag": {"add": "cart-nudged"}}],
+        },
+    )
+    follow_up = await make_journey(
+        platform,
+        key,
+        {
+            "name": "on the tag",
+            "trigger": {
+                "event": "customer.tag_added",
+                "if": {"field": "event.tag", "op": "eq", "value": "cart-nudged"},
+            },
+            "steps": [{"id": "send", "send": {"channel": "sms", "template": "tagged"}}],
+        },
+    )
+    await post(platform, key, cart_event(shop, "c-1"))
+
+    async def tagged() -> bool:
+        r = await platform.request("GET", "/v1/customers/c-1", key=key)
+        return r.status_code == 200 and "cart-nudged" in r.json()["tags"]
+
+    await until(tagged)
+    await until_statuses(platform, key, follow_up, {"c-1": "completed"})
+    [message] = await requests_of(platform, shop, at_least=1)
+    assert message.data["template"] == "tagged"
