@@ -68,6 +68,8 @@ class Platform:
         )
         if s.database_url:
             env["HUITOU_DATABASE_URL"] = s.database_url
+        if not self.embedded and "lifecycle" in self.ports:
+            env["HUITOU_LIFECYCLE_URL"] = f"http://127.0.0.1:{self.ports['lifecycle']}"
         if s.bus_url:
             env["HUITOU_BUS_URL"] = s.bus_url
         return env

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     """How long ingest remembers published event ids (senders' retry horizon: Shopify
     retries for 48 hours)."""
     bus_publish_timeout_s: float = Field(default=10, gt=0)
+    lifecycle_url: str | None = None
+    """Base URL of the lifecycle service, for the reads campaigns makes on an operator's
+    behalf (a shop's repurchase cycle for a playbook); default: this process
+    (`http://127.0.0.1:<port>`, right in the embedded mode)."""
     journey_watermark_max_hold_s: float = Field(default=60, ge=0)
     """How long past its due time a wait that an event could cancel may be held while
     campaigns has not consumed every partition up to that time (then it fires anyway)."""

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import httpx
 import orjson
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -421,6 +422,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
     @router.post("/v1/playbooks/{name}", status_code=201, response_model=JourneyOut)
     async def from_playbook(
         name: Annotated[str, Path(max_length=64, pattern=r"^[a-z_]+$")],
+        request: Request,
         principal: Auth,
         body: PlaybookIn,
         shop_id: ShopParam = None,
@@ -429,14 +431,36 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
         shop = principal.shop(shop_id)
         if name not in PLAYBOOKS:
             raise Problem(404, f"no playbook {name!r}; see GET /v1/playbooks")
+        context: dict[str, Any] = {}
+        if body.params.get("cycle_percentile") is not None:
+            context["repurchase_cycle_days"] = await _repurchase_cycle(
+                request, shop if principal.is_admin else None
+            )
         try:
-            made = make(name, body.params, {})
+            made = make(name, body.params, context)
         except ValidationError as exc:
             errors = [{**e, "field": f"params.{e['field']}"} for e in field_errors(exc)]
             raise Problem(422, "the playbook's parameters are invalid", errors=errors) from None
         except ValueError as exc:
             raise Problem(422, str(exc)) from None
         return await _create(shop, _parse(made), playbook=name, activate=body.activate)
+
+    async def _repurchase_cycle(request: Request, admin_shop: str | None) -> dict[str, Any]:
+        """The shop's repurchase-cycle percentiles from lifecycle's overview, read with the
+        caller's own key (so it sees exactly what the caller may see)."""
+        settings = ctx.settings
+        base = settings.lifecycle_url or f"http://127.0.0.1:{settings.port}"
+        params = {"shop_id": admin_shop} if admin_shop else {}
+        headers = {"Authorization": request.headers.get("authorization", "")}
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(f"{base}/v1/overview", params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise Problem(503, f"lifecycle cannot be reached: {exc!r}"[:200]) from None
+        if r.status_code != 200:
+            raise Problem(503, f"lifecycle answered {r.status_code} for the overview")
+        cycle = r.json().get("repurchase_cycle_days") or {}
+        return {name.removeprefix("p"): days for name, days in cycle.items()}
 
     return router
 
