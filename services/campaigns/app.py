@@ -10,17 +10,23 @@ messages through its outbox on `notifications.requested`.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import upsert
 from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
-from libs.common.timers import Timer
+from libs.common.timers import Recurring, Timer
 from services.campaigns import migrations
 from services.campaigns.api import build_router
-from services.campaigns.engine import CONSUMER, TIMER_KINDS, apply_events, fire_timers
+from services.campaigns.engine import (
+    CONSUMER,
+    TIMER_KINDS,
+    apply_events,
+    count_waits,
+    fire_timers,
+)
 from services.campaigns.models import watermarks
 from services.campaigns.statuses import apply_statuses
 
@@ -76,6 +82,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
         ],
         timer_handlers=dict.fromkeys(TIMER_KINDS.values(), fire),
         timer_lanes=[[kind] for kind in TIMER_KINDS.values()],
+        recurring=[Recurring("campaigns.count_waits", timedelta(seconds=30), count_waits)],
     )
 
 

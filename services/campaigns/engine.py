@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from prometheus_client import Counter, Gauge
-from sqlalchemy import and_, delete, or_, select, tuple_
+from sqlalchemy import and_, delete, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
@@ -85,6 +85,12 @@ WATERMARK_HOLDS = Counter(
     "huitou_campaigns_watermark_holds_total",
     "Cancellable waits held back because the pipeline had not caught up",
     ["outcome"],
+)
+WAITS_PENDING = Gauge(
+    "huitou_campaigns_waits_pending",
+    "Enrollments waiting on a timer, by category (counted every 30 s by whichever "
+    "campaigns process runs the count: take the max across processes)",
+    ["category"],
 )
 _REASON_LABELS = 40
 """Exit reasons are operator text; metrics keep a bounded set (`_reason_label`)."""
@@ -971,6 +977,18 @@ async def enroll(
 
 
 # The timer path ----------------------------------------------------------------------
+
+
+async def count_waits(conn: AsyncConnection, _now: datetime) -> None:
+    """Set `huitou_campaigns_waits_pending` (a recurring job: an index-only count)."""
+    rows = await conn.execute(
+        select(timers.c.kind, func.count())
+        .where(timers.c.kind.in_(list(TIMER_KINDS.values())))
+        .group_by(timers.c.kind)
+    )
+    found: dict[str, int] = {str(kind): int(n) for kind, n in rows}
+    for category, kind in TIMER_KINDS.items():
+        WAITS_PENDING.labels(category).set(int(found.get(kind, 0)))
 
 
 async def watermark(conn: AsyncConnection) -> float | None:
