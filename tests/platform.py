@@ -33,7 +33,7 @@ SERVICES = ("ingest", "lifecycle", "campaigns", "notifier")
 ROUTES = {
     "ingest": ("/v1/shops", "/v1/events", "/v1/webhooks", "/v1/logistics"),
     "lifecycle": ("/v1/customers", "/v1/overview", "/v1/tags", "/v1/segments", "/v1/policy"),
-    "campaigns": ("/v1/journeys", "/v1/playbooks"),
+    "campaigns": ("/v1/journeys", "/v1/playbooks", "/v1/promotions"),
 }
 
 

@@ -262,6 +262,20 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
     ),
     ("GET", "/v1/journeys/{journey_id}/report"): naming_a("/v1/journeys/{journey}/report"),
     ("GET", "/v1/playbooks"): [Probe("/v1/playbooks", refused=None)],
+    ("POST", "/v1/promotions"): [
+        Probe(
+            "/v1/promotions",
+            params={"shop_id": "{shop}"},
+            json={
+                "name": "b",
+                "starts_at": "2027-11-11T00:00:00Z",
+                "ends_at": "2027-11-12T00:00:00Z",
+            },
+            refused=frozenset({403}),
+        )
+    ],
+    ("GET", "/v1/promotions"): blind("/v1/promotions"),
+    ("GET", "/v1/promotions/{promotion_id}"): naming_a("/v1/promotions/{promotion}"),
     ("POST", "/v1/playbooks/{name}"): [
         Probe(
             "/v1/playbooks/unpaid_reminder",
@@ -380,6 +394,18 @@ async def _setup(platform: Platform) -> Shops:
     journey = r.json()["journey_id"]
     r = await platform.request("POST", f"/v1/journeys/{journey}/activate", key=key_a)
     assert r.status_code == 200, r.text
+    r = await platform.request(
+        "POST",
+        "/v1/promotions",
+        key=key_a,
+        json={
+            "name": "a-1111",
+            "starts_at": "2027-11-11T00:00:00Z",
+            "ends_at": "2027-11-12T00:00:00Z",
+        },
+    )
+    assert r.status_code == 201, r.text
+    promotion = r.json()["promotion_id"]
     r = await platform.request("GET", "/v1/policy", key=key_a)
     policy = r.json()
     policy["levels"][0]["name"] = "A-GOLD"
@@ -404,6 +430,7 @@ async def _setup(platform: Platform) -> Shops:
         "key_id": spare_key_id,
         "note": note,
         "journey": journey,
+        "promotion": promotion,
     }
     return Shops(a, b, {"a": key_a, "b": key_b}, ids, event, policy)
 
@@ -423,6 +450,7 @@ async def _snapshot(platform: Platform, shops: Shops) -> dict[str, Any]:
         ("policy", "/v1/policy", admin, a),
         ("journey", f"/v1/journeys/{shops.ids['journey']}", admin, a),
         ("journeys", "/v1/journeys", shops.keys["a"], {}),
+        ("promotions", "/v1/promotions", shops.keys["a"], {}),
         ("journey_report", f"/v1/journeys/{shops.ids['journey']}/report", admin, a),
     ]:
         r = await platform.request("GET", path, key=key, params=params)
@@ -506,7 +534,17 @@ async def _attempt(platform: Platform, shops: Shops, route: str, probe: Probe) -
     sent = f"{path} {params} {(content or b'').decode()}"  # an id B sent may be echoed
     leaked = [
         name
-        for name in ("shop", "customer", "phone", "email", "segment", "note", "key_id", "journey")
+        for name in (
+            "shop",
+            "customer",
+            "phone",
+            "email",
+            "segment",
+            "note",
+            "key_id",
+            "journey",
+            "promotion",
+        )
         if ids[name] in r.text and ids[name] not in sent
     ] + (["A's policy"] if "A-GOLD" in r.text else [])
     if leaked:

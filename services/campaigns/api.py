@@ -12,24 +12,31 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.auth import Principal
 from libs.common.db.tables import shops
-from libs.common.events import parse_event
+from libs.common.events import UtcDatetime, parse_event
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
-from libs.common.timers import Timer, schedule, timer_key
+from libs.common.timers import Timer, cancel, schedule, timer_key
 from services.campaigns import engine, projection
+from services.campaigns.broadcasts import (
+    broadcast_key,
+    broadcast_time,
+    release_broadcast,
+    schedule_broadcast,
+)
 from services.campaigns.conditions import evaluate
 from services.campaigns.definitions import Definition, parse_definition
-from services.campaigns.models import enrollments, journey_versions, journeys
+from services.campaigns.models import enrollments, journey_versions, journeys, promotions
 from services.campaigns.playbooks import PLAYBOOKS, make
 from services.campaigns.reports import report
 
@@ -76,6 +83,44 @@ class EnrollmentOut(BaseModel):
 class EnrollmentPage(BaseModel):
     items: list[EnrollmentOut]
     next_cursor: str | None
+
+
+class PromotionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]
+    starts_at: UtcDatetime
+    ends_at: UtcDatetime
+    skus: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]],
+        Field(max_length=500),
+    ] = []
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PromotionIn":
+        if self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
+
+
+class PromotionOut(PromotionIn):
+    promotion_id: str
+    created_at: datetime
+
+
+class PromotionPage(BaseModel):
+    items: list[PromotionOut]
+
+
+def _promotion(row: Any) -> PromotionOut:
+    return PromotionOut(
+        promotion_id=row["promotion_id"],
+        name=row["name"],
+        starts_at=row["starts_at"],
+        ends_at=row["ends_at"],
+        skus=orjson.loads(row["skus"]),
+        created_at=row["created_at"],
+    )
 
 
 class PlaybookIn(BaseModel):
@@ -168,6 +213,10 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
                     active_since=now if activate else None,
                 )
             )
+            if definition.trigger.promotion is not None:
+                await broadcast_time(conn, shop, definition, ZoneInfo("UTC"))  # it exists
+            if activate:
+                await _schedule_if_broadcast(conn, shop, journey_id, 1, now)
             return await _out(conn, shop, journey_id)
 
     @router.post("/v1/journeys", status_code=201, response_model=JourneyOut)
@@ -236,6 +285,9 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
                     updated_at=now,
                 )
             )
+            await cancel(conn, [broadcast_key(shop, journey_id)])
+            if row["status"] == "active":
+                await _schedule_if_broadcast(conn, shop, journey_id, version, now)
             return await _out(conn, shop, journey_id)
 
     @router.post("/v1/journeys/{journey_id}/activate", response_model=JourneyOut)
@@ -250,6 +302,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             if row["status"] != "draft":
                 raise Problem(409, f"only a draft can be activated; this one is {row['status']}")
             await _set_status(conn, shop, journey_id, "active", now)
+            await _schedule_if_broadcast(conn, shop, journey_id, row["version"], now)
             await conn.execute(
                 update(journey_versions)
                 .where(
@@ -289,6 +342,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
                 raise Problem(409, f"only a paused journey can resume; this one is {row['status']}")
             await _set_status(conn, shop, journey_id, "active", now)
             await _release_held(conn, shop, journey_id, row["category"], now)
+            await release_broadcast(conn, shop, journey_id, now)
             return await _out(conn, shop, journey_id)
 
     @router.post("/v1/journeys/{journey_id}/archive", response_model=JourneyOut)
@@ -303,6 +357,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             if row["status"] == "archived":
                 raise Problem(409, "the journey is archived already")
             await _set_status(conn, shop, journey_id, "archived", now)
+            await cancel(conn, [broadcast_key(shop, journey_id)])
             run = engine.Run(conn, now, namespace=namespace)
             e = enrollments.c
             while True:
@@ -343,17 +398,20 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             facts = {
                 **projection.event_facts(event, now),
                 **projection.state_facts(
-                    run.snap.customer(shop, who.customer_id), run.snap.order(shop, who.order_id)
+                    run.snap.customer(shop, who.customer_id),
+                    run.snap.order(shop, who.order_id),
+                    now,
                 ),
             }
             trigger = definition.trigger
             path: list[dict[str, Any]] = []
-            if trigger.event != event.type:
+            if trigger.event is not None and trigger.event != event.type:
                 path.append({"enrolled": False, "reason": f"the trigger is {trigger.event}"})
             elif trigger.if_ is not None and not evaluate(trigger.if_, facts):
                 path.append({"enrolled": False, "reason": "the trigger's condition is false"})
             else:
-                enrollment = await engine.enroll(run, journey, definition, event, who, facts)
+                entry = engine.entry_of(run, event, who, facts)
+                enrollment = await engine.enroll(run, journey, definition, entry)
                 for _ in range(engine.MAX_DRY_STEPS):
                     if enrollment is None or enrollment.status != "waiting":
                         break
@@ -404,6 +462,65 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             ).scalar() or "CNY"
             return {"journey_id": journey_id, **await report(conn, shop, journey_id, currency)}
 
+    @router.post("/v1/promotions", status_code=201, response_model=PromotionOut)
+    async def create_promotion(
+        body: PromotionIn, principal: Auth, shop_id: ShopParam = None
+    ) -> PromotionOut:
+        """A promotion (a sale such as 11-11) that journeys can be timed around."""
+        shop = principal.shop(shop_id)
+        promotion_id = f"p_{secrets.token_hex(6)}"
+        now = clock()
+        async with ctx.db.begin() as conn:
+            await _require_shop(conn, shop)
+            await conn.execute(
+                promotions.insert().values(
+                    shop_id=shop,
+                    promotion_id=promotion_id,
+                    name=body.name,
+                    starts_at=body.starts_at,
+                    ends_at=body.ends_at,
+                    skus=orjson.dumps(body.skus).decode(),
+                    created_at=now,
+                )
+            )
+        return PromotionOut(promotion_id=promotion_id, created_at=now, **body.model_dump())
+
+    @router.get("/v1/promotions", response_model=PromotionPage)
+    async def list_promotions(principal: Auth, shop_id: ShopParam = None) -> PromotionPage:
+        shop = principal.shop(shop_id)
+        async with ctx.db.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(promotions)
+                    .where(promotions.c.shop_id == shop)
+                    .order_by(promotions.c.starts_at)
+                )
+            ).mappings()
+            return PromotionPage(items=[_promotion(r) for r in rows])
+
+    @router.get("/v1/promotions/{promotion_id}", response_model=PromotionOut)
+    async def get_promotion(
+        promotion_id: Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+        principal: Auth,
+        shop_id: ShopParam = None,
+    ) -> PromotionOut:
+        shop = principal.shop(shop_id)
+        async with ctx.db.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(promotions).where(
+                            promotions.c.shop_id == shop, promotions.c.promotion_id == promotion_id
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise Problem(404, f"no promotion {promotion_id!r} in shop {shop!r}")
+        return _promotion(row)
+
     @router.get("/v1/playbooks")
     async def list_playbooks(principal: Auth) -> dict[str, Any]:
         """The shipped playbooks and the parameters each takes (JSON schema)."""
@@ -445,6 +562,23 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             raise Problem(422, str(exc)) from None
         return await _create(shop, _parse(made), playbook=name, activate=body.activate)
 
+    async def _schedule_if_broadcast(
+        conn: AsyncConnection, shop: str, journey_id: str, version: int, now: datetime
+    ) -> None:
+        text = (
+            await conn.execute(
+                select(journey_versions.c.definition).where(
+                    journey_versions.c.shop_id == shop,
+                    journey_versions.c.journey_id == journey_id,
+                    journey_versions.c.version == version,
+                )
+            )
+        ).scalar_one()
+        definition = parse_definition(orjson.loads(text))
+        if definition.trigger.scheduled:
+            zone = await _zones(conn, shop)
+            await schedule_broadcast(conn, shop, journey_id, version, definition, zone, now)
+
     async def _repurchase_cycle(request: Request, admin_shop: str | None) -> dict[str, Any]:
         """The shop's repurchase-cycle percentiles from lifecycle's overview, read with the
         caller's own key (so it sees exactly what the caller may see)."""
@@ -463,6 +597,14 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
         return {name.removeprefix("p"): days for name, days in cycle.items()}
 
     return router
+
+
+async def _zones(conn: AsyncConnection, shop: str) -> ZoneInfo:
+    name = (await conn.execute(select(shops.c.timezone).where(shops.c.shop_id == shop))).scalar()
+    try:
+        return ZoneInfo(name or "UTC")
+    except (KeyError, ValueError):
+        return ZoneInfo("UTC")
 
 
 async def _require_shop(conn: AsyncConnection, shop: str) -> None:

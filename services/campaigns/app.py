@@ -20,6 +20,7 @@ from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subsc
 from libs.common.timers import Recurring, Timer
 from services.campaigns import migrations
 from services.campaigns.api import build_router
+from services.campaigns.broadcasts import BROADCAST_KIND, fire_broadcasts
 from services.campaigns.engine import (
     CONSUMER,
     TIMER_KINDS,
@@ -45,6 +46,9 @@ def build(ctx: ServiceContext) -> ServiceParts:
 
     async def fire(conn: AsyncConnection, fired: list[Timer]) -> None:
         await fire_timers(conn, fired, namespace=namespace, max_hold=max_hold)
+
+    async def broadcast(conn: AsyncConnection, fired: list[Timer]) -> None:
+        await fire_broadcasts(conn, fired, namespace=namespace)
 
     async def progress(through: dict[tuple[str, int], float]) -> None:
         """Keep this member's partition watermarks where every campaigns process's timer
@@ -80,8 +84,8 @@ def build(ctx: ServiceContext) -> ServiceParts:
                 ctx.events_handler(f"{GROUP}.statuses", statuses),
             ),
         ],
-        timer_handlers=dict.fromkeys(TIMER_KINDS.values(), fire),
-        timer_lanes=[[kind] for kind in TIMER_KINDS.values()],
+        timer_handlers={**dict.fromkeys(TIMER_KINDS.values(), fire), BROADCAST_KIND: broadcast},
+        timer_lanes=[[kind] for kind in (*TIMER_KINDS.values(), BROADCAST_KIND)],
         recurring=[Recurring("campaigns.count_waits", timedelta(seconds=30), count_waits)],
     )
 

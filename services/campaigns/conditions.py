@@ -106,6 +106,7 @@ FIELDS: dict[str, FieldKind] = {
     "customer.province": "text",
     "customer.has_phone": "bool",
     "customer.has_email": "bool",
+    "customer.cart_open": "bool",
     "order.status": "text",
     "order.total_minor": "number",
     "order.city": "text",
@@ -158,7 +159,13 @@ TextField = Literal[
     "order.province",
 ]
 TextListField = Literal["event.skus", "customer.tags", "order.skus"]
-BoolField = Literal["customer.returning", "customer.has_phone", "customer.has_email", "order.paid"]
+BoolField = Literal[
+    "customer.returning",
+    "customer.has_phone",
+    "customer.has_email",
+    "customer.cart_open",
+    "order.paid",
+]
 FieldName = Literal[NumberField, TextField, TextListField, BoolField]
 
 KIND_FIELDS: dict[FieldKind, tuple[str, ...]] = {

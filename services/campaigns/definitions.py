@@ -11,8 +11,10 @@
      "caps": [{"scope": "category", "max": 3, "period": "P7D", "on_cap": "defer"}]}
 
 Triggers: `{"event": type, "if"?: condition}` (a domain event: orders, parcels, carts, and
-the lifecycle changes `customer.stage_changed`, `customer.tag_added`, ...). Conditions are
-the typed language of `services.campaigns.conditions`.
+the lifecycle changes `customer.stage_changed`, `customer.tag_added`, ...); a scheduled
+broadcast `{"broadcast": {"at", "audience"?}}`; or a date relative to a promotion
+`{"promotion": {"id", "offset": "-P7D", "at": "10:00", "audience"?}}`. Conditions are the
+typed language of `services.campaigns.conditions`.
 
 Steps run in order; each has an `id` (unique) and one action:
 - `wait`: an ISO 8601 duration (`PT1H`, `P7D`), counted from when the enrollment reached the
@@ -43,7 +45,7 @@ allows it, at most `defer_max` (then dropped with the reason `cap_expired`), or 
 from __future__ import annotations
 
 import re
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -136,9 +138,72 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _clock(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"\d\d:\d\d", value):
+        raise ValueError("a time of day is 'HH:MM'")
+    return value
+
+
+ClockTime = Annotated[time, BeforeValidator(_clock)]
+
+
+_SIGNED = re.compile(r"^(?P<sign>[-+]?)(?P<rest>P.*)$")
+
+
+def parse_offset(value: Any) -> timedelta:
+    """A signed ISO 8601 duration: `-P7D` is seven days before."""
+    if isinstance(value, timedelta):
+        return value
+    match = _SIGNED.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("an offset is a signed ISO 8601 duration such as '-P7D'")
+    magnitude = parse_duration(match["rest"])
+    return -magnitude if match["sign"] == "-" else magnitude
+
+
+Offset = Annotated[timedelta, BeforeValidator(parse_offset)]
+
+
+class Broadcast(_Strict):
+    """Enroll, at `at`, every customer campaigns knows who matches `audience` (a condition
+    over `customer.*` facts; everyone without one). A time without an offset is the
+    shop's local time."""
+
+    at: datetime
+    audience: Condition | None = None
+
+
+class PromotionTrigger(_Strict):
+    """A broadcast at a date relative to a promotion (`POST /v1/promotions`): `offset`
+    from the local day it starts, at the local time of day `at` ("7 days before 11-11 at
+    10:00" is `{"offset": "-P7D", "at": "10:00"}`)."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    offset: Offset = timedelta(0)
+    at: ClockTime = time(10, 0)
+    audience: Condition | None = None
+
+
 class Trigger(_Strict):
-    event: EventType
+    event: EventType | None = None
     if_: Condition | None = Field(default=None, alias="if")
+    broadcast: Broadcast | None = None
+    promotion: PromotionTrigger | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Trigger:
+        given = [n for n in ("event", "broadcast", "promotion") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a trigger has exactly one of 'event', 'broadcast', 'promotion'; got {given}"
+            )
+        if self.if_ is not None and self.event is None:
+            raise ValueError("'if' goes with 'event' (a broadcast has an 'audience')")
+        return self
+
+    @property
+    def scheduled(self) -> bool:
+        return self.event is None
 
 
 class Goal(_Strict):
@@ -154,15 +219,6 @@ class WaitFor(_Strict):
     timeout: Duration
     then: StepId | None = None
     on_timeout: StepId | None = None
-
-
-def _clock(value: Any) -> Any:
-    if isinstance(value, str) and not re.fullmatch(r"\d\d:\d\d", value):
-        raise ValueError("a time of day is 'HH:MM'")
-    return value
-
-
-ClockTime = Annotated[time, BeforeValidator(_clock)]
 
 
 class Window(_Strict):

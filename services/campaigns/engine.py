@@ -404,7 +404,10 @@ class Run:
     def facts(self, enrollment: Enrollment) -> dict[str, Any]:
         customer = self.snap.customer(enrollment.shop_id, enrollment.customer_id)
         order = self.snap.order(enrollment.shop_id, enrollment.order_id)
-        return {**enrollment.context.get("facts", {}), **projection.state_facts(customer, order)}
+        return {
+            **enrollment.context.get("facts", {}),
+            **projection.state_facts(customer, order, self.now),
+        }
 
     async def walk(self, enrollment: Enrollment, index: int, anchor: datetime) -> None:
         """Run steps from `index` until the enrollment waits or ends."""
@@ -791,7 +794,7 @@ async def _on_event(run: Run, event: Envelope, who: projection.Resolved) -> None
             order = run.snap.order(shop, who.order_id)
             facts = {
                 **projection.event_facts(event, run.now),
-                **projection.state_facts(customer, order),
+                **projection.state_facts(customer, order, run.now),
             }
         return facts
 
@@ -896,29 +899,55 @@ async def _trigger(
             continue
         if trigger.if_ is not None and not evaluate(trigger.if_, facts()):
             continue
-        await enroll(run, journey, definition, event, who, facts())
+        await enroll(run, journey, definition, entry_of(run, event, who, facts()))
+
+
+@dataclass
+class Entry:
+    """What enrolls a customer: an event, or a broadcast's slot."""
+
+    customer_id: str
+    order_id: str | None
+    at: datetime
+    """When it happened: the enrollment's `entered_at` and the first wait's anchor."""
+    trigger: str
+    """Unique per entry (the event's dedupe key, or `broadcast:…`): the enrollment's id."""
+    facts: dict[str, Any]
+    """The `event.*` facts kept on the enrollment for later conditions."""
+    variables: dict[str, Any]
+    order_statuses: frozenset[str] = frozenset()
+
+
+def entry_of(run: Run, event: Envelope, who: projection.Resolved, facts: dict[str, Any]) -> Entry:
+    assert who.customer_id is not None
+    shop = event.shop_id
+    return Entry(
+        customer_id=who.customer_id,
+        order_id=who.order_id,
+        at=event.time,
+        trigger=event.dedupe_key,
+        facts={k: v for k, v in facts.items() if k.startswith("event.")},
+        variables=projection.template_variables(
+            event, run.snap.customer(shop, who.customer_id), run.snap.order(shop, who.order_id)
+        ),
+        order_statuses=who.order_statuses,
+    )
 
 
 async def enroll(
-    run: Run,
-    journey: Journey,
-    definition: Definition,
-    event: Envelope,
-    who: projection.Resolved,
-    facts: dict[str, Any],
+    run: Run, journey: Journey, definition: Definition, entry: Entry
 ) -> Enrollment | None:
-    assert who.customer_id is not None
+    """Start an enrollment (re-entry rules and holdout applied) and walk its first steps."""
     shop, version = journey.shop_id, journey.version
     tag = (shop, journey.journey_id, version)
-    order_id = who.order_id if definition.key == "order" else None
     # A goal the order has met already (its payment came first) ends it before it starts.
     if definition.key == "order":
-        reached = who.order_statuses
+        reached = entry.order_statuses
         if any(g.match == "order" and _goal_status(g.event) in reached for g in definition.goals):
             run.tally[(*tag, "refused:goal_met")] += 1
             return None
     reentry = definition.reentry
-    entry_key = f"o:{who.order_id}" if reentry.per == "order" else f"c:{who.customer_id}"
+    entry_key = f"o:{entry.order_id}" if reentry.per == "order" else f"c:{entry.customer_id}"
     if reentry.per != "always":
         last = run.entries.get((shop, journey.journey_id, entry_key))
         if last is None:
@@ -932,36 +961,28 @@ async def enroll(
                 )
             ).scalar()
         refused = last is not None and (
-            reentry.per != "customer_days" or event.time < last + timedelta(days=reentry.days or 0)
+            reentry.per != "customer_days" or entry.at < last + timedelta(days=reentry.days or 0)
         )
         if refused:
             run.tally[(*tag, f"refused:{reentry.per}")] += 1
             if run.dry:
                 run.path.append({"refused": f"reentry:{reentry.per}"})
             return None
-        run.entries[(shop, journey.journey_id, entry_key)] = event.time
-    held_out = in_holdout(journey.journey_id, who.customer_id, definition.holdout_percent)
+        run.entries[(shop, journey.journey_id, entry_key)] = entry.at
+    held_out = in_holdout(journey.journey_id, entry.customer_id, definition.holdout_percent)
     enrollment = Enrollment(
         shop_id=shop,
-        enrollment_id=enrollment_id(shop, journey.journey_id, event.dedupe_key),
+        enrollment_id=enrollment_id(shop, journey.journey_id, entry.trigger),
         journey_id=journey.journey_id,
         version=version,
-        customer_id=who.customer_id,
-        order_id=order_id or who.order_id,
+        customer_id=entry.customer_id,
+        order_id=entry.order_id,
         status="waiting",
         step_id=None,
         due_at=None,
         held_out=held_out,
-        context={
-            "facts": {k: v for k, v in facts.items() if k.startswith("event.")},
-            "vars": projection.template_variables(
-                event,
-                run.snap.customer(shop, who.customer_id),
-                run.snap.order(shop, who.order_id),
-            ),
-            "trigger": event.dedupe_key,
-        },
-        entered_at=event.time,
+        context={"facts": entry.facts, "vars": entry.variables, "trigger": entry.trigger},
+        entered_at=entry.at,
         updated_at=run.now,
     )
     run.add(enrollment)
@@ -972,7 +993,7 @@ async def enroll(
     ENROLLED.labels(definition.category, "held_out" if held_out else "treated").inc()
     if run.dry:
         run.path.append({"enrolled": True, "held_out": held_out})
-    await run.walk(enrollment, 0, event.time)
+    await run.walk(enrollment, 0, entry.at)
     return enrollment
 
 

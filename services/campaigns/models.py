@@ -141,6 +141,23 @@ customers = Table(
     Column("province", String(100)),
     Column("merged_into", String(200)),
     Column("updated_at", UtcDateTime(), nullable=False),
+    # What campaigns itself saw: paid orders (count, sum), last purchase, last cart.
+    Column("purchases", Integer, nullable=False, server_default="0"),
+    Column("spent_minor", BigInteger, nullable=False, server_default="0"),
+    Column("last_purchase_at", UtcDateTime()),
+    Column("last_cart_at", UtcDateTime()),
+)
+
+promotions = Table(
+    "promotions",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("promotion_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("starts_at", UtcDateTime(), nullable=False),
+    Column("ends_at", UtcDateTime(), nullable=False),
+    Column("skus", Text, nullable=False, server_default="[]"),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 orders = Table(

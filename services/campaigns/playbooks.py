@@ -51,8 +51,15 @@ Playbooks (category, key):
   (`template` is a prefix here, default `new_customer`; the suffixes name the 1st to 4th
   message whatever the days). Once per customer ever.
 
-Not here yet: `promotion_waves` (warm-up, launch and last-call messages around a
-promotion) needs triggers relative to a promotion's dates, which journeys do not have yet.
+- `promotion_waves` (marketing, customer): waves around a promotion (`promotion_id`, made
+  with `POST /v1/promotions`), from the sellers' playbook: 7 days before its start at
+  `at` (10:00 shop time) past buyers (`customer.frequency` ≥ 1); 3 days before, high-value
+  customers (a member level) and open carts; the eve, likely buyers (bought in the last
+  `likely_days`, 90, or an open cart). One journey: everyone in any wave's audience
+  enrolls at the first wave's time and branches at each; a purchase ends it. Templates
+  `{template}_warmup`, `_launch`, `_eve` (default prefix `promotion_waves`). Not yet: the
+  price-protection care for recent full-price buyers of the promoted SKUs (campaigns does
+  not keep item prices per customer).
 
 Templates use only the variables `shop.name`, `customer.name`, `order.id`, `order.total`,
 `order.city`, `parcel.tracking_number`, `parcel.carrier` and `parcel.city` (`{{ var }}`).
@@ -126,6 +133,7 @@ VARIABLES = frozenset(
         "parcel.tracking_number",
         "parcel.carrier",
         "parcel.city",
+        "promotion.name",
     }
 )
 """The variables the default templates may use."""
@@ -151,6 +159,27 @@ def _marketing(zh_subject: str, zh_text: str, en_subject: str, en_text: str) -> 
 
 
 TEMPLATES: dict[str, Texts] = {
+    "promotion_waves_warmup": _marketing(
+        "{{ promotion.name }}预告",
+        "{{ customer.name }}您好，{{ shop.name }}的{{ promotion.name }}一周后开始，"
+        "老朋友先看好货～",
+        "{{ promotion.name }} is coming",
+        "Hi {{ customer.name }}, {{ promotion.name }} at {{ shop.name }} starts in a "
+        "week. A first look for our regulars.",
+    ),
+    "promotion_waves_launch": _marketing(
+        "{{ promotion.name }}就要开始",
+        "{{ customer.name }}，{{ promotion.name }}三天后开始，购物车里的宝贝记得留意～",
+        "{{ promotion.name }} in 3 days",
+        "Hi {{ customer.name }}, {{ promotion.name }} starts in 3 days. Your favourites "
+        "are waiting.",
+    ),
+    "promotion_waves_eve": _marketing(
+        "{{ promotion.name }}明天开始",
+        "{{ customer.name }}，{{ promotion.name }}明天开始，{{ shop.name }}等您～",
+        "{{ promotion.name }} starts tomorrow",
+        "Hi {{ customer.name }}, {{ promotion.name }} at {{ shop.name }} starts tomorrow.",
+    ),
     "unpaid_reminder": _t(
         "订单{{ order.id }}待付款",
         "{{ customer.name }}您好，您在{{ shop.name }}的订单{{ order.id }}还未付款，"
@@ -601,6 +630,60 @@ def _new_customer_plan(p: NewCustomerPlanParams, context: Mapping[str, Any]) -> 
     )
 
 
+class PromotionWavesParams(_Params):
+    template: Name = Field(
+        default="promotion_waves",
+        description="prefix of the three templates: `_warmup`, `_launch`, `_eve`",
+    )
+    holdout_percent: Holdout = 10
+    name: JourneyName = "大促预热 promotion waves"
+    promotion_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    at: Annotated[str, Field(pattern=r"^\d\d:\d\d$")] = "10:00"
+    likely_days: Annotated[int, Field(ge=1, le=3650, strict=True)] = 90
+
+
+def _promotion_waves(p: PromotionWavesParams, context: Mapping[str, Any]) -> dict[str, Any]:
+    past_buyer = {"field": "customer.frequency", "op": "gte", "value": 1}
+    high_value = {
+        "any": [
+            {"field": "customer.level", "op": "not_null"},
+            {"field": "customer.cart_open", "op": "eq", "value": True},
+        ]
+    }
+    likely = {
+        "any": [
+            {"field": "customer.recency_days", "op": "lte", "value": p.likely_days},
+            {"field": "customer.cart_open", "op": "eq", "value": True},
+        ]
+    }
+    return _definition(
+        p,
+        category="marketing",
+        key="customer",
+        trigger={
+            "promotion": {
+                "id": p.promotion_id,
+                "offset": "-P7D",
+                "at": p.at,
+                "audience": {"any": [past_buyer, high_value, likely]},
+            }
+        },
+        steps=[
+            {"id": "past_buyers", "branch": {"if": past_buyer, "then": "warmup", "else": "wait3"}},
+            _send(p.channel, f"{p.template}_warmup", "warmup"),
+            {"id": "wait3", "wait": "P4D"},
+            {"id": "high_value", "branch": {"if": high_value, "then": "launch", "else": "wait1"}},
+            _send(p.channel, f"{p.template}_launch", "launch"),
+            {"id": "wait1", "wait": "P2D"},
+            {"id": "likely", "branch": {"if": likely, "then": "eve", "else": "done"}},
+            _send(p.channel, f"{p.template}_eve", "eve"),
+            {"id": "done", "exit": "waves_done"},
+        ],
+        goals=[{"event": "order.paid", "match": "customer"}],
+        reentry={"per": "customer"},
+    )
+
+
 # The catalogue ---------------------------------------------------------------------------
 
 
@@ -700,6 +783,13 @@ PLAYBOOKS: dict[str, Playbook] = {
             NewCustomerPlanParams,
             _new_customer_plan,
             tuple(f"new_customer{s}" for s in NEW_CUSTOMER_SUFFIXES),
+        ),
+        _playbook(
+            "promotion_waves",
+            "Warm-up, launch and eve messages around a promotion, each to its audience.",
+            PromotionWavesParams,
+            _promotion_waves,
+            ("promotion_waves_warmup", "promotion_waves_launch", "promotion_waves_eve"),
         ),
     )
 }

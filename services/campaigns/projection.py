@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -129,6 +129,10 @@ def _touch_customer(snap: Snapshot, shop: str, customer_id: str, at: datetime) -
             "province": None,
             "merged_into": None,
             "updated_at": at,
+            "purchases": 0,
+            "spent_minor": 0,
+            "last_purchase_at": None,
+            "last_cart_at": None,
         }
     snap.dirty.add(("customer", key))
     row["updated_at"] = at
@@ -190,7 +194,8 @@ def apply(snap: Snapshot, event: Envelope) -> Resolved:
         if items:
             row["skus"] = sorted({str(i["sku"]) for i in items if i.get("sku")})
             row["item_count"] = sum(int(i.get("quantity", 1)) for i in items)
-        if status in PAID_STATUSES and row["paid_at"] is None:
+        first_payment = status in PAID_STATUSES and row["paid_at"] is None
+        if first_payment:
             row["paid_at"] = _time(data.get("paid_at")) or at
         row["updated_at"] = at
         snap.dirty.add(("order", key))
@@ -200,6 +205,12 @@ def apply(snap: Snapshot, event: Envelope) -> Resolved:
         if customer_id:
             crow = _touch_customer(snap, shop, customer_id, at)
             _contact(crow, data.get("customer") or {})
+            if first_payment:
+                crow["purchases"] += 1
+                crow["spent_minor"] += int(row["total_minor"] or 0)
+                paid_at = row["paid_at"]
+                if crow["last_purchase_at"] is None or paid_at > crow["last_purchase_at"]:
+                    crow["last_purchase_at"] = paid_at
             crow["city"] = row["city"] or crow["city"]
             crow["province"] = row["province"] or crow["province"]
         return Resolved(customer_id, order_id, frozenset(row["statuses"]))
@@ -242,7 +253,12 @@ def apply(snap: Snapshot, event: Envelope) -> Resolved:
         return Resolved(customer_id, None)
     customer_id = follow(snap, shop, _customer_of(event))
     if customer_id:
-        _contact(_touch_customer(snap, shop, customer_id, at), event.data.get("customer") or {})
+        crow = _touch_customer(snap, shop, customer_id, at)
+        _contact(crow, event.data.get("customer") or {})
+        if event.type == "cart.added" and (
+            crow["last_cart_at"] is None or at > crow["last_cart_at"]
+        ):
+            crow["last_cart_at"] = at
     return Resolved(customer_id, None)
 
 
@@ -365,10 +381,32 @@ def event_facts(event: Envelope, now: datetime) -> dict[str, Any]:
     }
 
 
-def state_facts(customer: dict[str, Any] | None, order: dict[str, Any] | None) -> dict[str, Any]:
-    """The `customer.*` and `order.*` facts of conditions, as the projection holds them."""
+CART_OPEN_DAYS = 30
+"""A cart counts as open for this long after it was filled, unless a purchase followed."""
+
+
+def state_facts(
+    customer: dict[str, Any] | None, order: dict[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """The `customer.*` and `order.*` facts of conditions, as the projection holds them.
+    `frequency`, `monetary_minor` and `recency_days` count what campaigns saw: paid orders
+    since it has been running (lifecycle's figures stay lifecycle's)."""
     facts: dict[str, Any] = {}
     if customer is not None:
+        last_purchase = customer.get("last_purchase_at")
+        last_cart = customer.get("last_cart_at")
+        facts.update(
+            {
+                "customer.frequency": customer.get("purchases", 0),
+                "customer.monetary_minor": customer.get("spent_minor", 0),
+                "customer.recency_days": None
+                if last_purchase is None
+                else math.floor((now - last_purchase).total_seconds() / 86400),
+                "customer.cart_open": last_cart is not None
+                and now - last_cart <= timedelta(days=CART_OPEN_DAYS)
+                and (last_purchase is None or last_cart > last_purchase),
+            }
+        )
         facts.update(
             {
                 "customer.stage": customer["stage"],

@@ -29,6 +29,8 @@ NAMES = (
     "win_back",
     "new_customer_plan",
 )
+"""The playbooks triggered by an event (`promotion_waves` is timed by a promotion)."""
+REQUIRED: dict[str, dict[str, Any]] = {"promotion_waves": {"promotion_id": "p_1111"}}
 
 # name -> (category, key, trigger event, goals as (event, match), reentry)
 EXPECTED: dict[str, tuple[str, str, str, list[tuple[str, str]], dict[str, Any]]] = {
@@ -111,7 +113,7 @@ VAR = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 
 
 def _built(name: str, params: dict[str, Any] | None = None) -> tuple[dict[str, Any], Definition]:
-    raw = make(name, params or {})
+    raw = make(name, {**REQUIRED.get(name, {}), **(params or {})})
     json.dumps(raw)  # plain JSON
     return raw, parse_definition(raw)
 
@@ -126,8 +128,7 @@ def _waits(d: Definition) -> list[timedelta]:
 
 
 def test_the_catalogue() -> None:
-    assert tuple(PLAYBOOKS) == NAMES
-    assert "promotion_waves" not in PLAYBOOKS
+    assert tuple(PLAYBOOKS) == (*NAMES, "promotion_waves")
     for name, playbook in PLAYBOOKS.items():
         assert playbook.name == name
         assert playbook.summary and "\n" not in playbook.summary and playbook.summary.isascii()
@@ -243,12 +244,10 @@ def test_params_that_belong_to_other_playbooks_are_refused() -> None:
 
 def test_unknown_playbook() -> None:
     with pytest.raises(KeyError):
-        make("promotion_waves", {})
-    with pytest.raises(KeyError):
         make("nope", {})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "promotion_waves"])
 def test_templates(name: str) -> None:
     playbook = PLAYBOOKS[name]
     _, d = _built(name)
@@ -414,3 +413,22 @@ def test_new_customer_plan_shape() -> None:
     for days in ([5, 15, 30], [5, 15, 30, 45, 60], [5, 5, 30, 45], [15, 5, 30, 45], [0, 1, 2, 3]):
         with pytest.raises(ValidationError):
             make("new_customer_plan", {"days": days})
+
+
+def test_promotion_waves() -> None:
+    _, d = _built("promotion_waves", {"at": "09:30"})
+    assert (d.category, d.key, d.holdout_percent) == ("marketing", "customer", 10)
+    trigger = d.trigger.promotion
+    assert trigger is not None and trigger.id == "p_1111"
+    assert (trigger.offset, trigger.at.isoformat()) == (-timedelta(days=7), "09:30:00")
+    assert [t for _, t, _ in _sends(d)] == [
+        "promotion_waves_warmup",
+        "promotion_waves_launch",
+        "promotion_waves_eve",
+    ]
+    assert _waits(d) == [timedelta(days=4), timedelta(days=2)]  # 7 → 3 → 1 day before
+    assert [(g.event, g.match) for g in d.goals] == [("order.paid", "customer")]
+    with pytest.raises(ValidationError):
+        make("promotion_waves", {})  # which promotion?
+    with pytest.raises(ValidationError):
+        make("promotion_waves", {"promotion_id": "p_1", "at": "10h"})

@@ -127,7 +127,7 @@ async def test_a_payment_still_in_the_pipeline_cancels_the_reminder(
         await runtime.bus.publish([order(shop, "o-1", "created", namespace)])
 
         async def enrolled() -> bool:
-            return (await statuses()).get("o-1", {}).get("status") == "waiting"
+            return bool((await statuses()).get("o-1", {}).get("status") == "waiting")
 
         await eventually(enrolled)
         await runtime.bus.publish([order(shop, "o-1", "paid", namespace)])  # minute 59
@@ -139,7 +139,7 @@ async def test_a_payment_still_in_the_pipeline_cancels_the_reminder(
             nonlocal ended
             ended = (await statuses())["o-1"]
             held_again = WATERMARK_HOLDS.labels("held")._value.get() >= holds + 3
-            return ended["status"] != "waiting" or held_again
+            return bool(ended["status"] != "waiting" or held_again)
 
         await eventually(due_and_decided, within=30)
         release.set()

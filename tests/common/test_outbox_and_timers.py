@@ -129,8 +129,17 @@ class Recorder:
         self.fired.extend(batch)
 
 
-def worker(db: Database, handler: Recorder, now: datetime, **kw: int) -> TimerWorker:
-    return TimerWorker(db, "plumbing", {"remind": handler}, clock=lambda: now, **kw)
+def worker(
+    db: Database, handler: Recorder, now: datetime, *, batch_size: int = 500, max_attempts: int = 10
+) -> TimerWorker:
+    return TimerWorker(
+        db,
+        "plumbing",
+        {"remind": handler},
+        clock=lambda: now,
+        batch_size=batch_size,
+        max_attempts=max_attempts,
+    )
 
 
 async def test_only_due_timers_fire_and_their_effect_commits_with_them(db: Database) -> None:
