@@ -139,7 +139,7 @@ class _Strict(BaseModel):
 
 
 def _clock(value: Any) -> Any:
-    if isinstance(value, str) and not re.fullmatch(r"\d\d:\d\d", value):
+    if isinstance(value, str) and not re.fullmatch(r"\d\d:\d\d(:00)?", value):
         raise ValueError("a time of day is 'HH:MM'")
     return value
 

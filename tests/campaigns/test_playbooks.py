@@ -115,7 +115,9 @@ VAR = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 def _built(name: str, params: dict[str, Any] | None = None) -> tuple[dict[str, Any], Definition]:
     raw = make(name, {**REQUIRED.get(name, {}), **(params or {})})
     json.dumps(raw)  # plain JSON
-    return raw, parse_definition(raw)
+    parsed = parse_definition(raw)
+    assert parse_definition(json.loads(json.dumps(parsed.dump()))) == parsed  # as stored
+    return raw, parsed
 
 
 def _sends(d: Definition) -> list[tuple[str, str, str]]:
