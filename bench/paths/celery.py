@@ -341,6 +341,21 @@ def comparison(run: Run) -> str:
                 "0 by design",
             )
         )
+    for mode in ("embedded", "distributed"):
+        reminders = find("campaigns.fire", mode)
+        if reminders is None:
+            continue
+        rows.append(
+            (
+                f"Huitou reminders, send requested ({mode})",
+                f"{run.size.timers_pending:,} (in the DB)",
+                f"{reminders.ours.median:,.0f}/s",
+                "-",
+                "-",
+                "-",
+                "0 by design",
+            )
+        )
     hold, fire_c, skew_c = celery.get("hold", {}), celery.get("fire", {}), celery.get("skew", {})
     dup = celery.get("duplicates", {})
     per_held = hold.get("bytes_per_held")
