@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from prometheus_client import Counter, Gauge
-from sqlalchemy import and_, delete, func, or_, select, tuple_
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
@@ -43,7 +43,6 @@ from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.db.tables import shops, timers
 from libs.common.events import (
     Envelope,
-    NotificationRequestedData,
     TagRequestedData,
     new_event,
     topic_for,
@@ -92,8 +91,40 @@ WAITS_PENDING = Gauge(
     "campaigns process runs the count: take the max across processes)",
     ["category"],
 )
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once (the hot paths count per step)."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 _REASON_LABELS = 40
 """Exit reasons are operator text; metrics keep a bounded set (`_reason_label`)."""
+
+
+def requested_event(
+    shop: str, customer_id: str, event_id: str, at: datetime, data: dict[str, Any]
+) -> bytes:
+    """A `notification.requested` envelope as JSON, built directly: the send step is the
+    hottest path of the fire, and every field is the engine's own (checked by
+    `tests/campaigns/test_engine.py` against the validated `Envelope`)."""
+    envelope = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"huitou/campaigns/{shop}",
+        "type": "notification.requested",
+        "time": at,
+        "shop_id": shop,
+        "subject": customer_id,
+        "schema_version": 1,
+        "data": data,
+    }
+    return orjson.dumps(envelope, option=orjson.OPT_UTC_Z)
 
 
 @dataclass(eq=False)
@@ -284,6 +315,9 @@ class Run:
         self.zones: dict[str, ZoneInfo] = {}
         self.shop_names: dict[str, str] = {}
         self.snap = projection.Snapshot()
+        self.requested_topic = topic_for("notification.requested", namespace)
+        self.known_entries: dict[tuple[str, str, str], datetime | None] = {}
+        """Re-entry ledger rows read ahead for a batch (None: no entry yet)."""
         self._by_customer: dict[tuple[str, str], list[Enrollment]] = {}
         self._by_order: dict[tuple[str, str], list[Enrollment]] = {}
 
@@ -325,17 +359,18 @@ class Run:
                     .order_by(timers.c.key)
                     .with_for_update()
                 )
-            query = (
-                select(enrollments)
-                .where(tuple_(e.shop_id, e.enrollment_id).in_(chunk), e.status.in_(LIVE))
-                .order_by(e.shop_id, e.enrollment_id)
-            )
-            if self.postgres:
-                query = query.with_for_update()
-            for row in (await self.conn.execute(query)).mappings():
-                enrollment = _from_row(row)
-                self.add(enrollment)
-                found.append(enrollment)
+            for where in projection.by_shop(enrollments, "enrollment_id", chunk):
+                query = (
+                    select(enrollments)
+                    .where(where, e.status.in_(LIVE))
+                    .order_by(e.shop_id, e.enrollment_id)
+                )
+                if self.postgres:
+                    query = query.with_for_update()
+                for row in (await self.conn.execute(query)).mappings():
+                    enrollment = _from_row(row)
+                    self.add(enrollment)
+                    found.append(enrollment)
         return found
 
     def add(self, enrollment: Enrollment) -> None:
@@ -376,7 +411,7 @@ class Run:
         enrollment.due_at = None
         self.touch(enrollment)
         self.count(enrollment, f"exited:{reason}")
-        EXITED.labels(_reason_label(reason)).inc()
+        _child(EXITED, _reason_label(reason)).inc()
         if self.dry:
             self.path.append({"exit": reason})
 
@@ -418,7 +453,7 @@ class Run:
         while index < len(steps):
             step = steps[index]
             action = step.action
-            STEPS.labels(action).inc()
+            _child(STEPS, action).inc()
             if step.wait is not None:
                 self.wait(enrollment, step, anchor + step.wait, "wait", gated)
                 return
@@ -460,7 +495,7 @@ class Run:
         category = definition.category
         if enrollment.held_out:
             self.count(enrollment, "msg:held_out")
-            SENDS.labels(category, "held_out").inc()
+            _child(SENDS, category, "held_out").inc()
             if self.dry:
                 self.path.append({"step": step.id, "send": "held_out"})
             return None
@@ -472,21 +507,21 @@ class Run:
             deadline = datetime.fromisoformat(first_try) + cap.defer_max
             if cap.on_cap == "skip":
                 self.count(enrollment, "cap:skipped")
-                SENDS.labels(category, "cap_skipped").inc()
+                _child(SENDS, category, "cap_skipped").inc()
                 if self.dry:
                     self.path.append({"step": step.id, "send": "skipped", "reason": "cap"})
                 return None
             if allowed_at > deadline:
                 enrollment.context.pop("deferred_since", None)
                 self.count(enrollment, "cap:expired")
-                SENDS.labels(category, "cap_expired").inc()
+                _child(SENDS, category, "cap_expired").inc()
                 if self.dry:
                     self.path.append({"step": step.id, "send": "dropped", "reason": "cap_expired"})
                 return None
             if "deferred_since" not in enrollment.context:
                 enrollment.context["deferred_since"] = first_try
                 self.count(enrollment, "cap:deferred")
-                SENDS.labels(category, "cap_deferred").inc()
+                _child(SENDS, category, "cap_deferred").inc()
             return allowed_at
         enrollment.context.pop("deferred_since", None)
         key = (
@@ -513,36 +548,32 @@ class Run:
                 }
             )
             return None
-        data = NotificationRequestedData.model_validate(
-            {
-                "idempotency_key": key,
-                "channel": step.send.channel,
-                "customer_id": enrollment.customer_id,
-                "template": step.send.template,
-                "to": to,
-                "variables": variables,
-                "category": category,
-                "recipient": step.send.to,
-                "journey_id": enrollment.journey_id,
-                "journey_version": enrollment.version,
-                "step_id": step.id,
-                "enrollment_id": enrollment.enrollment_id,
-            }
-        )
-        event = new_event(
-            type="notification.requested",
-            shop_id=enrollment.shop_id,
-            source=f"huitou/campaigns/{enrollment.shop_id}",
-            data=data,
-            subject=enrollment.customer_id,
-            id=hashlib.sha256(key.encode()).hexdigest()[:40],
-            time=self.now,
-        )
+        data = {
+            "idempotency_key": key,
+            "channel": step.send.channel,
+            "customer_id": enrollment.customer_id,
+            "template": step.send.template,
+            "variables": variables,
+            "category": category,
+            "recipient": step.send.to,
+            "journey_id": enrollment.journey_id,
+            "journey_version": enrollment.version,
+            "step_id": step.id,
+            "enrollment_id": enrollment.enrollment_id,
+        }
+        if to is not None:
+            data["to"] = to
         self.messages.append(
             Message(
-                topic_for(event.type, self.namespace),
+                self.requested_topic,
                 f"{enrollment.shop_id}:{enrollment.customer_id}",
-                event.to_bytes(),
+                requested_event(
+                    enrollment.shop_id,
+                    enrollment.customer_id,
+                    hashlib.sha256(key.encode()).hexdigest()[:40],
+                    self.now,
+                    data,
+                ),
             )
         )
         self.send_rows.append(
@@ -562,7 +593,7 @@ class Run:
         )
         enrollment.messaged = True
         self.count(enrollment, "msg:requested")
-        SENDS.labels(category, "requested").inc()
+        _child(SENDS, category, "requested").inc()
         return None
 
     def request_tag(self, enrollment: Enrollment, step: Step) -> None:
@@ -736,10 +767,42 @@ async def apply_events(
                 ready.append((event, who))
     await projection.park(conn, waiting, run.now)
     await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
+    await _read_entries(run, ready)
     for event, who in ready:
         await _on_event(run, event, who)
     await projection.save(conn, run.snap)
     await run.flush()
+
+
+async def _read_entries(run: Run, ready: Sequence[tuple[Envelope, projection.Resolved]]) -> None:
+    """Read ahead the re-entry ledger rows the batch's triggers will look up (one query
+    per journey instead of one per event)."""
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for event, who in ready:
+        if who.customer_id is None:
+            continue
+        for journey in run.journeys.values():
+            if journey.shop_id != event.shop_id or journey.status != "active":
+                continue
+            definition = journey.definition(journey.version)
+            per = definition.reentry.per
+            if definition.trigger.event != event.type or per == "always":
+                continue
+            key = f"o:{who.order_id}" if per == "order" else f"c:{who.customer_id}"
+            wanted.setdefault((journey.shop_id, journey.journey_id), set()).add(key)
+    c = entries.c
+    for (shop, journey_id), keys in wanted.items():
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), 1000):
+            chunk = ordered[start : start + 1000]
+            run.known_entries.update(dict.fromkeys(((shop, journey_id, k) for k in chunk), None))
+            rows = await run.conn.execute(
+                select(c.entry_key, c.last_entered_at).where(
+                    c.shop_id == shop, c.journey_id == journey_id, c.entry_key.in_(chunk)
+                )
+            )
+            for key, at in rows:
+                run.known_entries[(shop, journey_id, key)] = at
 
 
 async def _load_affected(
@@ -771,13 +834,12 @@ async def _load_affected(
         await run.lock_live(or_(*clauses[start : start + 200]))
     if converts:
         horizon = run.now - timedelta(days=400)
-        query = select(enrollments).where(
-            tuple_(e.shop_id, e.customer_id).in_(sorted(set(converts))),
-            e.converted_at.is_(None),
-            e.entered_at >= horizon,
-        )
-        for row in (await run.conn.execute(query)).mappings():
-            run.add(_from_row(row))
+        for where in projection.by_shop(enrollments, "customer_id", converts):
+            query = select(enrollments).where(
+                where, e.converted_at.is_(None), e.entered_at >= horizon
+            )
+            for row in (await run.conn.execute(query)).mappings():
+                run.add(_from_row(row))
 
 
 async def _on_event(run: Run, event: Envelope, who: projection.Resolved) -> None:
@@ -949,8 +1011,11 @@ async def enroll(
     reentry = definition.reentry
     entry_key = f"o:{entry.order_id}" if reentry.per == "order" else f"c:{entry.customer_id}"
     if reentry.per != "always":
-        last = run.entries.get((shop, journey.journey_id, entry_key))
-        if last is None:
+        ledger = (shop, journey.journey_id, entry_key)
+        last = run.entries.get(ledger)
+        if last is None and ledger in run.known_entries:
+            last = run.known_entries[ledger]
+        elif last is None:
             last = (
                 await run.conn.execute(
                     select(entries.c.last_entered_at).where(
@@ -990,7 +1055,7 @@ async def enroll(
     run.count(enrollment, "entered")
     if held_out:
         run.count(enrollment, "held_out")
-    ENROLLED.labels(definition.category, "held_out" if held_out else "treated").inc()
+    _child(ENROLLED, definition.category, "held_out" if held_out else "treated").inc()
     if run.dry:
         run.path.append({"enrolled": True, "held_out": held_out})
     await run.walk(enrollment, 0, entry.at)
@@ -1040,14 +1105,12 @@ async def fire_timers(
     run = Run(conn, now or datetime.now(UTC), namespace=namespace)
     by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
     e = enrollments.c
-    query = (
-        select(enrollments)
-        .where(tuple_(e.shop_id, e.enrollment_id).in_(sorted(by_key)))
-        .order_by(e.shop_id, e.enrollment_id)
-    )
-    if run.postgres:
-        query = query.with_for_update()
-    loaded = [_from_row(row) for row in (await conn.execute(query)).mappings()]
+    loaded: list[Enrollment] = []
+    for where in projection.by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
+        query = select(enrollments).where(where).order_by(e.shop_id, e.enrollment_id)
+        if run.postgres:
+            query = query.with_for_update()
+        loaded += [_from_row(row) for row in (await conn.execute(query)).mappings()]
     gated_any = any(t.payload.get("g") for t in fired)
     mark = await watermark(conn) if gated_any else None
     if mark is not None:
@@ -1114,24 +1177,14 @@ async def projection_state(
     wanted = list(set(keys))
     customer_keys = sorted({(s, c) for s, c, _ in wanted})
     order_keys = sorted({(s, o) for s, _, o in wanted if o is not None})
-    for start in range(0, len(customer_keys), 500):
-        rows = await conn.execute(
-            select(customers).where(
-                tuple_(customers.c.shop_id, customers.c.customer_id).in_(
-                    customer_keys[start : start + 500]
-                )
-            )
-        )
+    for where in projection.by_shop(customers, "customer_id", customer_keys, chunk=1000):
+        rows = await conn.execute(select(customers).where(where))
         for row in rows.mappings():
             value = dict(row)
             value["tags"] = orjson.loads(value["tags"])
             snap.customers[(value["shop_id"], value["customer_id"])] = value
-    for start in range(0, len(order_keys), 500):
-        rows = await conn.execute(
-            select(orders).where(
-                tuple_(orders.c.shop_id, orders.c.order_id).in_(order_keys[start : start + 500])
-            )
-        )
+    for where in projection.by_shop(orders, "order_id", order_keys, chunk=1000):
+        rows = await conn.execute(select(orders).where(where))
         for row in rows.mappings():
             value = dict(row)
             value["statuses"] = orjson.loads(value["statuses"])

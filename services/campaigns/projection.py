@@ -10,13 +10,13 @@ per table) in event order and written back with one upsert per table.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore, upsert
@@ -64,17 +64,24 @@ def _customer_of(event: Envelope) -> str | None:
     return event.subject or customer.get("id") or customer.get("phone") or customer.get("email")
 
 
+def by_shop(table: Any, key: str, keys: Iterable[Key], chunk: int = 500) -> Iterator[Any]:
+    """WHERE clauses selecting `(shop_id, key)` pairs: one shop and up to `chunk` keys
+    each (`shop_id = ? AND key IN (…)`, bound parameters, so the statement is cached; a
+    row-value IN would be rendered literally, and compiled anew, on SQLite)."""
+    grouped: dict[str, list[str]] = {}
+    for shop, value in sorted(set(keys)):
+        grouped.setdefault(shop, []).append(value)
+    for shop, values in grouped.items():
+        for start in range(0, len(values), chunk):
+            yield (table.c.shop_id == shop) & table.c[key].in_(values[start : start + chunk])
+
+
 async def _rows(
     conn: AsyncConnection, table: Any, key: str, keys: Iterable[Key]
 ) -> dict[Key, dict[str, Any]]:
-    wanted = list(set(keys))
     found: dict[Key, dict[str, Any]] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        result = await conn.execute(
-            select(table).where(tuple_(table.c.shop_id, table.c[key]).in_(chunk))
-        )
-        for row in result.mappings():
+    for where in by_shop(table, key, keys):
+        for row in (await conn.execute(select(table).where(where))).mappings():
             found[(row["shop_id"], row[key])] = dict(row)
     return found
 
@@ -307,9 +314,7 @@ async def unpark(conn: AsyncConnection, keys: Sequence[Key]) -> list[Envelope]:
     """Take the parked updates of these waybills (now linked to an order), oldest first."""
     found: list[Envelope] = []
     p = parked.c
-    for start in range(0, len(keys), 500):
-        chunk = list(keys[start : start + 500])
-        where = tuple_(p.shop_id, p.tracking_number).in_(chunk)
+    for where in by_shop(parked, "tracking_number", keys):
         rows = await conn.execute(select(p.event).where(where))
         found += [decode_event(text.encode()) for text in rows.scalars()]
         if found:
