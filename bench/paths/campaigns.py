@@ -37,7 +37,9 @@ from libs.common.events import OrderData, new_event
 from libs.common.inbox import claim_new
 from libs.common.timers import TimerWorker, timer_key
 from services.campaigns import migrations
-from services.campaigns.engine import TIMER_KINDS, apply_events, fire_timers
+from services.campaigns.consuming import apply_events
+from services.campaigns.engine import TIMER_KINDS
+from services.campaigns.firing import fire_timers
 from services.campaigns.models import (
     enrollments,
     journey_versions,

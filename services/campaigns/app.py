@@ -21,13 +21,9 @@ from libs.common.timers import Recurring, Timer
 from services.campaigns import migrations
 from services.campaigns.api import build_router
 from services.campaigns.broadcasts import BROADCAST_KIND, fire_broadcasts
-from services.campaigns.engine import (
-    CONSUMER,
-    TIMER_KINDS,
-    apply_events,
-    count_waits,
-    fire_timers,
-)
+from services.campaigns.consuming import apply_events
+from services.campaigns.engine import CONSUMER, TIMER_KINDS
+from services.campaigns.firing import count_waits, fire_timers
 from services.campaigns.models import watermarks
 from services.campaigns.statuses import apply_statuses
 

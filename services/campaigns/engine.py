@@ -1,8 +1,10 @@
-"""The journey engine: enrolls on events, walks steps, waits on durable timers, ends
-enrollments the moment a goal arrives, and requests messages through the outbox.
+"""The journey engine: enrollments, and the walk through a journey's steps (waits on
+durable timers, branches, sends through the outbox, tags), shared by the consumer path
+(`consuming`: enrolls on events, ends enrollments the moment a goal arrives), the timer
+path (`firing`: waits that came due) and scheduled broadcasts (`broadcasts`).
 
-One `Run` is one unit of work: a consumed batch (`apply_events`) or a round of fired
-timers (`fire_timers`). It loads what it needs with a few set-based queries, changes
+One `Run` is one unit of work: a consumed batch (`consuming.apply_events`) or a round of
+fired timers (`firing.fire_timers`). It loads what it needs with a few set-based queries, changes
 enrollments in memory, and writes everything back at the end (`Run.flush`): enrollments,
 timers, sends, `notification.requested` events (outbox), report counters and the re-entry
 ledger, in the transaction of the batch. A crash anywhere leaves nothing half done, and a
@@ -27,15 +29,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-from prometheus_client import Counter, Gauge
-from sqlalchemy import and_, delete, func, or_, select
+from prometheus_client import Counter
+from sqlalchemy import and_, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
@@ -59,7 +61,6 @@ from services.campaigns.models import (
     journey_versions,
     journeys,
     sends,
-    watermarks,
 )
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,6 @@ ENROLLED = Counter(
 EXITED = Counter("huitou_campaigns_exits_total", "Enrollments ended, by reason", ["reason"])
 STEPS = Counter("huitou_campaigns_steps_total", "Journey steps executed", ["action"])
 SENDS = Counter("huitou_campaigns_sends_total", "Send steps, by outcome", ["category", "outcome"])
-WATERMARK_LAG = Gauge(
-    "huitou_campaigns_watermark_lag_seconds",
-    "How far the consumed-everything-before instant trails the clock",
-)
-WATERMARK_HOLDS = Counter(
-    "huitou_campaigns_watermark_holds_total",
-    "Cancellable waits held back because the pipeline had not caught up",
-    ["outcome"],
-)
-WAITS_PENDING = Gauge(
-    "huitou_campaigns_waits_pending",
-    "Enrollments waiting on a timer, by category (counted every 30 s by whichever "
-    "campaigns process runs the count: take the max across processes)",
-    ["category"],
-)
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
@@ -182,7 +168,7 @@ _ROW = (
 )
 
 
-def _from_row(row: Any) -> Enrollment:
+def from_row(row: Any) -> Enrollment:
     values = {name: row[name] for name in _ROW}
     values["context"] = orjson.loads(values["context"])
     return Enrollment(**values)
@@ -368,7 +354,7 @@ class Run:
                 if self.postgres:
                     query = query.with_for_update()
                 for row in (await self.conn.execute(query)).mappings():
-                    enrollment = _from_row(row)
+                    enrollment = from_row(row)
                     self.add(enrollment)
                     found.append(enrollment)
         return found
@@ -714,254 +700,9 @@ async def add_counts(conn: AsyncConnection, tally: Tally[tuple[str, str, int, st
     )
 
 
-# The consumer path -----------------------------------------------------------------
-
-
-def _matches(
-    enrollment: Enrollment, match: str, order_id: str | None, customer: str | None
-) -> bool:
-    if match == "order":
-        return order_id is not None and enrollment.order_id == order_id
-    return customer is not None and enrollment.customer_id == customer
-
-
 def _goal_status(event_type: str) -> str | None:
     """The order status an order goal's event type stands for (`order.paid` → `paid`)."""
     return event_type.split(".", 1)[1] if event_type.startswith("order.") else None
-
-
-async def apply_events(
-    conn: AsyncConnection,
-    events: Sequence[Envelope],
-    *,
-    namespace: str = "",
-    now: datetime | None = None,
-) -> None:
-    """Apply a consumed batch: projection, goals, waits for events, conversions, triggers."""
-    run = Run(conn, now or datetime.now(UTC), namespace=namespace)
-    shop_ids = {e.shop_id for e in events}
-    run.snap = await projection.load(conn, events)
-    await run.load_shops(shop_ids)
-    run.journeys = await load_journeys(conn, shop_ids)
-    # The projection is applied for the whole batch first (to know whom every event is
-    # about and lock what it may touch); each `Resolved` keeps the order's statuses as of
-    # its event, which is what the goal-met check at enrollment looks at. Carrier updates
-    # naming a waybill no order named yet wait (parked) until an order names it.
-    ready: list[tuple[Envelope, projection.Resolved]] = []
-    waiting: list[Envelope] = []
-    for event in events:
-        who = projection.apply(run.snap, event)
-        if projection.waits_for_order(event, who):
-            waiting.append(event)
-        else:
-            ready.append((event, who))
-    linked = projection.linked_parcels(run.snap)
-    if linked:
-        revived = [*waiting, *await projection.unpark(conn, linked)]
-        waiting = []
-        for event in revived:
-            who = projection.apply(run.snap, event)
-            if projection.waits_for_order(event, who):
-                waiting.append(event)
-            else:
-                ready.append((event, who))
-    await projection.park(conn, waiting, run.now)
-    await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
-    await _read_entries(run, ready)
-    for event, who in ready:
-        await _on_event(run, event, who)
-    await projection.save(conn, run.snap)
-    await run.flush()
-
-
-async def _read_entries(run: Run, ready: Sequence[tuple[Envelope, projection.Resolved]]) -> None:
-    """Read ahead the re-entry ledger rows the batch's triggers will look up (one query
-    per journey instead of one per event)."""
-    wanted: dict[tuple[str, str], set[str]] = {}
-    for event, who in ready:
-        if who.customer_id is None:
-            continue
-        for journey in run.journeys.values():
-            if journey.shop_id != event.shop_id or journey.status != "active":
-                continue
-            definition = journey.definition(journey.version)
-            per = definition.reentry.per
-            if definition.trigger.event != event.type or per == "always":
-                continue
-            key = f"o:{who.order_id}" if per == "order" else f"c:{who.customer_id}"
-            wanted.setdefault((journey.shop_id, journey.journey_id), set()).add(key)
-    c = entries.c
-    for (shop, journey_id), keys in wanted.items():
-        ordered = sorted(keys)
-        for start in range(0, len(ordered), 1000):
-            chunk = ordered[start : start + 1000]
-            run.known_entries.update(dict.fromkeys(((shop, journey_id, k) for k in chunk), None))
-            rows = await run.conn.execute(
-                select(c.entry_key, c.last_entered_at).where(
-                    c.shop_id == shop, c.journey_id == journey_id, c.entry_key.in_(chunk)
-                )
-            )
-            for key, at in rows:
-                run.known_entries[(shop, journey_id, key)] = at
-
-
-async def _load_affected(
-    run: Run, events: Sequence[Envelope], resolved: Sequence[projection.Resolved]
-) -> None:
-    """Lock the live enrollments the batch's events may end or move, and load the ones
-    their payments may convert."""
-    interesting: dict[str, set[str]] = {}
-    for journey in run.journeys.values():
-        for definition, _ in journey.versions.values():
-            types = {g.event for g in definition.goals}
-            types |= {s.wait_for.event for s in definition.steps if s.wait_for is not None}
-            interesting.setdefault(journey.shop_id, set()).update(types)
-    e = enrollments.c
-    clauses = []
-    converts = []
-    for event, who in zip(events, resolved, strict=True):
-        if event.type in interesting.get(event.shop_id, ()):
-            if who.order_id is not None:
-                clauses.append(and_(e.shop_id == event.shop_id, e.order_id == who.order_id))
-            if who.customer_id is not None:
-                clauses.append(and_(e.shop_id == event.shop_id, e.customer_id == who.customer_id))
-        if event.type == "order.paid" and who.customer_id is not None:
-            converts.append((event.shop_id, who.customer_id))
-        if event.type == "customer.merged":
-            merged = [str(m) for m in event.data.get("merged_ids") or ()]
-            clauses.append(and_(e.shop_id == event.shop_id, e.customer_id.in_(merged)))
-    for start in range(0, len(clauses), 200):
-        await run.lock_live(or_(*clauses[start : start + 200]))
-    if converts:
-        horizon = run.now - timedelta(days=400)
-        for where in projection.by_shop(enrollments, "customer_id", converts):
-            query = select(enrollments).where(
-                where, e.converted_at.is_(None), e.entered_at >= horizon
-            )
-            for row in (await run.conn.execute(query)).mappings():
-                run.add(_from_row(row))
-
-
-async def _on_event(run: Run, event: Envelope, who: projection.Resolved) -> None:
-    shop = event.shop_id
-    if event.type == "customer.merged":
-        _follow_merge(run, event, who)
-    live = run.about(shop, who.customer_id, who.order_id)
-    facts: dict[str, Any] | None = None
-
-    def event_facts() -> dict[str, Any]:
-        nonlocal facts
-        if facts is None:
-            customer = run.snap.customer(shop, who.customer_id)
-            order = run.snap.order(shop, who.order_id)
-            facts = {
-                **projection.event_facts(event, run.now),
-                **projection.state_facts(customer, order, run.now),
-            }
-        return facts
-
-    for enrollment in live:
-        if enrollment.status not in LIVE:
-            if event.type == "order.paid":
-                _convert(run, enrollment, event, who)
-            continue
-        journey = run.journeys.get((shop, enrollment.journey_id))
-        if journey is None:
-            continue
-        definition = journey.definition(enrollment.version)
-        goal = next(
-            (
-                g
-                for g in definition.goals
-                if g.event == event.type
-                and _matches(enrollment, g.match, who.order_id, who.customer_id)
-                and (g.if_ is None or evaluate(g.if_, event_facts()))
-            ),
-            None,
-        )
-        if goal is not None:
-            run.finish(enrollment, "exited", f"goal:{event.type}")
-        elif enrollment.status == "waiting" and enrollment.step_id is not None:
-            step = definition.steps[definition.step_index(enrollment.step_id)]
-            wait_for = step.wait_for
-            if (
-                wait_for is not None
-                and wait_for.event == event.type
-                and _matches(enrollment, wait_for.match, who.order_id, who.customer_id)
-                and (wait_for.if_ is None or evaluate(wait_for.if_, event_facts()))
-                and journey.status == "active"
-            ):
-                run.cancel.add(enrollment.timer)
-                run.schedule.pop(enrollment.timer, None)
-                target = wait_for.then
-                index = (
-                    definition.step_index(target) if target else definition.step_index(step.id) + 1
-                )
-                enrollment.context.setdefault("facts", {}).update(
-                    projection.event_facts(event, run.now)
-                )
-                await run.walk(enrollment, index, max(event.time, enrollment.entered_at))
-        if event.type == "order.paid":
-            _convert(run, enrollment, event, who)
-    await _trigger(run, event, who, event_facts)
-
-
-def _convert(run: Run, enrollment: Enrollment, event: Envelope, who: projection.Resolved) -> None:
-    """An order paid within the journey's attribution window after the enrollment began
-    converts it (once): counted for lift in both groups, and as a conversion with revenue
-    when a message had been requested."""
-    if enrollment.converted_at is not None or who.customer_id != enrollment.customer_id:
-        return
-    journey = run.journeys.get((enrollment.shop_id, enrollment.journey_id))
-    if journey is None or enrollment.version not in journey.versions:
-        return
-    window = journey.definition(enrollment.version).attribution_window
-    paid_at = event.time
-    if not enrollment.entered_at <= paid_at <= enrollment.entered_at + window:
-        return
-    order = run.snap.order(enrollment.shop_id, who.order_id) or {}
-    revenue = int(order.get("total_minor") or 0)
-    enrollment.converted_at = paid_at
-    enrollment.revenue_minor = revenue
-    run.touch(enrollment)
-    run.count(enrollment, "converted:held_out" if enrollment.held_out else "converted:treated")
-    if enrollment.messaged:
-        run.count(enrollment, "conversions")
-        run.count(enrollment, "revenue", revenue)
-
-
-def _follow_merge(run: Run, event: Envelope, who: projection.Resolved) -> None:
-    """Enrollments of merged-away profiles continue as the surviving customer's."""
-    merged = {str(m) for m in event.data.get("merged_ids") or ()}
-    for enrollment in run.live.values():
-        if enrollment.shop_id == event.shop_id and enrollment.customer_id in merged:
-            enrollment.customer_id = who.customer_id or enrollment.customer_id
-            run.touch(enrollment)
-
-
-async def _trigger(
-    run: Run,
-    event: Envelope,
-    who: projection.Resolved,
-    facts: Callable[[], dict[str, Any]],
-) -> None:
-    shop = event.shop_id
-    for journey in run.journeys.values():
-        if journey.shop_id != shop or journey.status != "active":
-            continue
-        definition, active_since = journey.versions[journey.version]
-        trigger = definition.trigger
-        if trigger.event != event.type or who.customer_id is None:
-            continue
-        if active_since is None or event.time < active_since.replace(microsecond=0):
-            # History is not a trigger: only what happened after activation, to the second
-            # (platforms and carriers report whole seconds).
-            continue
-        if definition.key == "order" and who.order_id is None:
-            continue
-        if trigger.if_ is not None and not evaluate(trigger.if_, facts()):
-            continue
-        await enroll(run, journey, definition, entry_of(run, event, who, facts()))
 
 
 @dataclass
@@ -1062,94 +803,6 @@ async def enroll(
     return enrollment
 
 
-# The timer path ----------------------------------------------------------------------
-
-
-async def count_waits(conn: AsyncConnection, _now: datetime) -> None:
-    """Set `huitou_campaigns_waits_pending` (a recurring job: an index-only count)."""
-    rows = await conn.execute(
-        select(timers.c.kind, func.count())
-        .where(timers.c.kind.in_(list(TIMER_KINDS.values())))
-        .group_by(timers.c.kind)
-    )
-    found: dict[str, int] = {str(kind): int(n) for kind, n in rows}
-    for category, kind in TIMER_KINDS.items():
-        WAITS_PENDING.labels(category).set(int(found.get(kind, 0)))
-
-
-async def watermark(conn: AsyncConnection) -> float | None:
-    """The instant (epoch seconds) before which every message of every partition campaigns
-    consumes has been handled; None until the consumers reported."""
-    value = (
-        await conn.execute(
-            select(watermarks.c.through)
-            .where(watermarks.c.consumer == CONSUMER)
-            .order_by(watermarks.c.through)
-            .limit(1)
-        )
-    ).scalar()
-    return None if value is None else float(value)
-
-
-async def fire_timers(
-    conn: AsyncConnection,
-    fired: Sequence[Timer],
-    *,
-    namespace: str = "",
-    max_hold: float = 60.0,
-    now: datetime | None = None,
-) -> None:
-    """Waits that came due: re-check each enrollment (a goal may have ended it), hold it
-    while its journey is paused, hold cancellable waits until the pipeline caught up, and
-    walk on."""
-    run = Run(conn, now or datetime.now(UTC), namespace=namespace)
-    by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
-    e = enrollments.c
-    loaded: list[Enrollment] = []
-    for where in projection.by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
-        query = select(enrollments).where(where).order_by(e.shop_id, e.enrollment_id)
-        if run.postgres:
-            query = query.with_for_update()
-        loaded += [_from_row(row) for row in (await conn.execute(query)).mappings()]
-    gated_any = any(t.payload.get("g") for t in fired)
-    mark = await watermark(conn) if gated_any else None
-    if mark is not None:
-        WATERMARK_LAG.set(max(0.0, run.now.timestamp() - mark))
-    await run.load_shops(en.shop_id for en in loaded)
-    run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
-    keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
-    run.snap = await projection_state(conn, keys)
-    for enrollment in loaded:
-        timer = by_key[enrollment.key]
-        run.add(enrollment)
-        if enrollment.status != "waiting" or enrollment.step_id != timer.payload["s"]:
-            continue  # a goal or an event moved it on first
-        journey = run.journeys.get((enrollment.shop_id, enrollment.journey_id))
-        if journey is None or journey.status == "archived":
-            continue
-        if journey.status == "paused":
-            enrollment.status = "held"
-            run.touch(enrollment)
-            continue
-        if timer.payload.get("g"):
-            # The wait's own due time (a held timer comes back later than it).
-            due = (enrollment.due_at or timer.due_at).timestamp()
-            if mark is None or mark < due:
-                if run.now.timestamp() - due < max_hold:
-                    WATERMARK_HOLDS.labels("held").inc()
-                    run.schedule[enrollment.timer] = Timer(
-                        timer.key,
-                        timer.kind,
-                        timer.shop_id,
-                        run.now + timedelta(seconds=0.2),
-                        timer.payload,
-                    )
-                    continue
-                WATERMARK_HOLDS.labels("max_hold_reached").inc()
-        await resume(run, journey, enrollment, timer.payload.get("m", "wait"))
-    await run.flush()
-
-
 async def resume(run: Run, journey: Journey, enrollment: Enrollment, mode: str) -> None:
     """Walk on from the step the enrollment waited at (its due time is the new anchor)."""
     definition = journey.definition(enrollment.version)
@@ -1165,29 +818,3 @@ async def resume(run: Run, journey: Journey, enrollment: Enrollment, mode: str) 
     else:
         index += 1
     await run.walk(enrollment, index, anchor)
-
-
-async def projection_state(
-    conn: AsyncConnection, keys: Iterable[tuple[str, str, str | None]]
-) -> projection.Snapshot:
-    """The projection rows of these (shop, customer, order) triples."""
-    from services.campaigns.models import customers, orders
-
-    snap = projection.Snapshot()
-    wanted = list(set(keys))
-    customer_keys = sorted({(s, c) for s, c, _ in wanted})
-    order_keys = sorted({(s, o) for s, _, o in wanted if o is not None})
-    for where in projection.by_shop(customers, "customer_id", customer_keys, chunk=1000):
-        rows = await conn.execute(select(customers).where(where))
-        for row in rows.mappings():
-            value = dict(row)
-            value["tags"] = orjson.loads(value["tags"])
-            snap.customers[(value["shop_id"], value["customer_id"])] = value
-    for where in projection.by_shop(orders, "order_id", order_keys, chunk=1000):
-        rows = await conn.execute(select(orders).where(where))
-        for row in rows.mappings():
-            value = dict(row)
-            value["statuses"] = orjson.loads(value["statuses"])
-            value["skus"] = orjson.loads(value["skus"])
-            snap.orders[(value["shop_id"], value["order_id"])] = value
-    return snap

@@ -24,7 +24,7 @@ from libs.common.events import OrderData, ShopData, new_event, topic_for
 from libs.common.http import build_app
 from libs.common.settings import Settings
 from services.campaigns.app import SPEC
-from services.campaigns.engine import WATERMARK_HOLDS
+from services.campaigns.firing import WATERMARK_HOLDS
 from tests.conftest import eventually
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
