@@ -170,7 +170,10 @@ async def _enroll(run: Run, db: Database, mode: str) -> None:
             ours=ours,
             raw=raw,
             raw_label="the same rows, same batches, no logic",
-            note=f"order.created → unpaid_reminder, {BATCH} per transaction; {made:,} enrolled",
+            note=(
+                f"order.created → unpaid_reminder, {BATCH} per transaction; "
+                f"{made:,} enrollment rows in the table (ours and the raw copy's)"
+            ),
         )
     )
 

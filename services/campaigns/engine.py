@@ -292,6 +292,8 @@ class Run:
         self.new: set[tuple[str, str]] = set()
         self.schedule: dict[str, Timer] = {}
         self.cancel: set[str] = set()
+        self.claimed: set[str] = set()
+        """Timer keys the timer worker claimed (deleted) for this run: nothing to cancel."""
         self.tally: Tally[tuple[str, str, int, str]] = Tally()
         self.entries: dict[tuple[str, str, str], datetime] = {}
         self.send_rows: list[dict[str, Any]] = []
@@ -654,7 +656,7 @@ class Run:
             return
         conn = self.conn
         if self.cancel:
-            keys = sorted(self.cancel - set(self.schedule))
+            keys = sorted(self.cancel - set(self.schedule) - self.claimed)
             for start in range(0, len(keys), 500):
                 await conn.execute(
                     delete(timers).where(timers.c.key.in_(keys[start : start + 500]))

@@ -85,6 +85,7 @@ async def fire_timers(
     while its journey is paused, hold cancellable waits until the pipeline caught up, and
     walk on."""
     run = Run(conn, now or datetime.now(UTC), namespace=namespace)
+    run.claimed = {t.key for t in fired}
     by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
     e = enrollments.c
     loaded: list[Enrollment] = []
