@@ -3,7 +3,7 @@
 Every operation of `/openapi.json` is exercised twice, once with a shop key and once with
 the admin key, by the `schemathesis run` command (a subprocess: the CLI runs every phase —
 the schema's examples, its boundary values such as huge integers, empty strings, wrong
-types and undocumented methods, `HUITOU_FUZZ_EXAMPLES` (default 10: the suite's time
+types and undocumented methods, `HUITOU_FUZZ_EXAMPLES` (default 5: the suite's time
 budget) generated cases per operation, positive and negative, then stateful sequences —
 and reports every failure with a `curl` line to reproduce it). Path and query ids are
 drawn half of the time from what exists (the two shops, their customers, tags and
@@ -50,7 +50,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.platform import Platform, until
 
-EXAMPLES = int(os.environ.get("HUITOU_FUZZ_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("HUITOU_FUZZ_EXAMPLES", "5"))
 DEEP = os.environ.get("HUITOU_FUZZ_DEEP") == "1"
 """Also the coverage phase of the recursive rule bodies (~20,000 cases each: hours)."""
 SEED = 20261111

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
 from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.keysets import columns_of, insert_select, reused, rows_params
 from libs.common.db.tables import shops, timers
 from libs.common.events import (
     Envelope,
@@ -141,10 +142,12 @@ class Enrollment:
     def timer(self) -> str:
         return timer_key(self.shop_id, "enr", self.enrollment_id)
 
-    def row(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in _ROW}
-        out["context"] = orjson.dumps(self.context).decode()
-        return out
+    def values(self) -> tuple[Any, ...]:
+        """The row's values in `_ROW` order."""
+        return tuple(
+            orjson.dumps(self.context).decode() if name == "context" else getattr(self, name)
+            for name in _ROW
+        )
 
 
 _ROW = (
@@ -165,6 +168,21 @@ _ROW = (
     "converted_at",
     "revenue_minor",
     "messaged",
+)
+
+
+_SEND = (
+    "shop_id",
+    "idempotency_key",
+    "journey_id",
+    "version",
+    "enrollment_id",
+    "customer_id",
+    "category",
+    "channel",
+    "requested_at",
+    "status",
+    "reason",
 )
 
 
@@ -663,14 +681,37 @@ class Run:
                 )
         if self.schedule:
             await schedule(conn, list(self.schedule.values()))
-        rows = [self.live[key].row() for key in sorted(self.changed)]
+        # One statement per table whatever the batch's size: the rows go in as one
+        # parameter (JSON on SQLite, arrays on PostgreSQL; `libs.common.db.keysets`).
+        rows = [self.live[key].values() for key in sorted(self.changed)]
         if rows:
-            columns = [c for c in _ROW if c not in ("shop_id", "enrollment_id")]
-            await conn.execute(
-                upsert(conn, enrollments, ["shop_id", "enrollment_id"], columns), rows
+            stmt = reused(
+                conn,
+                "campaigns.enrollments.upsert",
+                lambda: upsert(
+                    conn,
+                    enrollments,
+                    ["shop_id", "enrollment_id"],
+                    [c for c in _ROW if c not in ("shop_id", "enrollment_id")],
+                    source=insert_select(conn, enrollments, _ROW, None),
+                ),
             )
+            await conn.execute(stmt, rows_params(conn, "new", columns_of(enrollments, _ROW), rows))
         if self.send_rows:
-            await conn.execute(insert_ignore(conn, sends), self.send_rows)
+            stmt = reused(
+                conn,
+                "campaigns.sends.insert",
+                lambda: insert_ignore(conn, sends, insert_select(conn, sends, _SEND, None)),
+            )
+            await conn.execute(
+                stmt,
+                rows_params(
+                    conn,
+                    "new",
+                    columns_of(sends, _SEND),
+                    [tuple(r[c] for c in _SEND) for r in self.send_rows],
+                ),
+            )
         await enqueue(conn, self.messages)
         if self.entries:
             await conn.execute(
