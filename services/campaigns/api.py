@@ -162,15 +162,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
 
     async def _out(conn: AsyncConnection, shop: str, journey_id: str) -> JourneyOut:
         row = await _load(conn, shop, journey_id)
-        text = (
-            await conn.execute(
-                select(journey_versions.c.definition).where(
-                    journey_versions.c.shop_id == shop,
-                    journey_versions.c.journey_id == journey_id,
-                    journey_versions.c.version == row["version"],
-                )
-            )
-        ).scalar_one()
+        text = await _version_text(conn, shop, journey_id, row["version"])
         return JourneyOut(
             journey_id=journey_id,
             name=row["name"],
@@ -565,15 +557,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
     async def _schedule_if_broadcast(
         conn: AsyncConnection, shop: str, journey_id: str, version: int, now: datetime
     ) -> None:
-        text = (
-            await conn.execute(
-                select(journey_versions.c.definition).where(
-                    journey_versions.c.shop_id == shop,
-                    journey_versions.c.journey_id == journey_id,
-                    journey_versions.c.version == version,
-                )
-            )
-        ).scalar_one()
+        text = await _version_text(conn, shop, journey_id, version)
         definition = parse_definition(orjson.loads(text))
         if definition.trigger.scheduled:
             zone = await _zones(conn, shop)
@@ -597,6 +581,20 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
         return {name.removeprefix("p"): days for name, days in cycle.items()}
 
     return router
+
+
+async def _version_text(conn: AsyncConnection, shop: str, journey_id: str, version: int) -> str:
+    """A journey version's stored definition (JSON text)."""
+    text: str = (
+        await conn.execute(
+            select(journey_versions.c.definition).where(
+                journey_versions.c.shop_id == shop,
+                journey_versions.c.journey_id == journey_id,
+                journey_versions.c.version == version,
+            )
+        )
+    ).scalar_one()
+    return text
 
 
 async def _zones(conn: AsyncConnection, shop: str) -> ZoneInfo:

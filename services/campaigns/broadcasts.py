@@ -143,7 +143,7 @@ async def _page(run: Run, timer: Timer, definition: Definition) -> None:
     after = str(timer.payload.get("after", ""))
     c = customers.c
     rows = [
-        dict(row)
+        projection.customer_row(row)
         for row in (
             await run.conn.execute(
                 select(customers)
@@ -168,7 +168,6 @@ async def _page(run: Run, timer: Timer, definition: Definition) -> None:
         ).scalar()
         variables["promotion"] = {"name": name}
     for row in rows:
-        row["tags"] = orjson.loads(row["tags"])
         run.snap.customers[(shop, row["customer_id"])] = row
         facts = projection.state_facts(row, None, run.now)
         if audience is not None and not evaluate(audience, facts):

@@ -8,10 +8,9 @@ gauge."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-import orjson
 from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -101,7 +100,7 @@ async def fire_timers(
     await run.load_shops(en.shop_id for en in loaded)
     run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
     keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
-    run.snap = await projection_state(conn, keys)
+    run.snap = await projection.load_state(conn, keys)
     for enrollment in loaded:
         timer = by_key[enrollment.key]
         run.add(enrollment)
@@ -131,29 +130,3 @@ async def fire_timers(
                 WATERMARK_HOLDS.labels("max_hold_reached").inc()
         await resume(run, journey, enrollment, timer.payload.get("m", "wait"))
     await run.flush()
-
-
-async def projection_state(
-    conn: AsyncConnection, keys: Iterable[tuple[str, str, str | None]]
-) -> projection.Snapshot:
-    """The projection rows of these (shop, customer, order) triples."""
-    from services.campaigns.models import customers, orders
-
-    snap = projection.Snapshot()
-    wanted = list(set(keys))
-    customer_keys = sorted({(s, c) for s, c, _ in wanted})
-    order_keys = sorted({(s, o) for s, _, o in wanted if o is not None})
-    for where in projection.by_shop(customers, "customer_id", customer_keys, chunk=1000):
-        rows = await conn.execute(select(customers).where(where))
-        for row in rows.mappings():
-            value = dict(row)
-            value["tags"] = orjson.loads(value["tags"])
-            snap.customers[(value["shop_id"], value["customer_id"])] = value
-    for where in projection.by_shop(orders, "order_id", order_keys, chunk=1000):
-        rows = await conn.execute(select(orders).where(where))
-        for row in rows.mappings():
-            value = dict(row)
-            value["statuses"] = orjson.loads(value["statuses"])
-            value["skus"] = orjson.loads(value["skus"])
-            snap.orders[(value["shop_id"], value["order_id"])] = value
-    return snap

@@ -10,7 +10,7 @@ per table) in event order and written back with one upsert per table.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,14 +76,49 @@ def by_shop(table: Any, key: str, keys: Iterable[Key], chunk: int = 500) -> Iter
             yield (table.c.shop_id == shop) & table.c[key].in_(values[start : start + chunk])
 
 
+def customer_row(row: Any) -> dict[str, Any]:
+    """A `campaign_customers` row as the projection works with it (tags decoded)."""
+    value = dict(row)
+    value["tags"] = orjson.loads(value["tags"])
+    return value
+
+
+def order_row(row: Any) -> dict[str, Any]:
+    """A `campaign_orders` row as the projection works with it (lists decoded)."""
+    value = dict(row)
+    value["statuses"] = orjson.loads(value["statuses"])
+    value["skus"] = orjson.loads(value["skus"])
+    return value
+
+
 async def _rows(
-    conn: AsyncConnection, table: Any, key: str, keys: Iterable[Key]
+    conn: AsyncConnection,
+    table: Any,
+    key: str,
+    keys: Iterable[Key],
+    decode: Callable[[Any], dict[str, Any]] = dict,
 ) -> dict[Key, dict[str, Any]]:
     found: dict[Key, dict[str, Any]] = {}
     for where in by_shop(table, key, keys):
         for row in (await conn.execute(select(table).where(where))).mappings():
-            found[(row["shop_id"], row[key])] = dict(row)
+            found[(row["shop_id"], row[key])] = decode(row)
     return found
+
+
+async def load_state(
+    conn: AsyncConnection, keys: Iterable[tuple[str, str, str | None]]
+) -> Snapshot:
+    """The projection rows of these (shop, customer, order) triples (the timer path's
+    read: no event to apply)."""
+    wanted = set(keys)
+    snap = Snapshot()
+    snap.customers = await _rows(
+        conn, customers, "customer_id", {(s, c) for s, c, _ in wanted}, customer_row
+    )
+    snap.orders = await _rows(
+        conn, orders, "order_id", {(s, o) for s, _, o in wanted if o is not None}, order_row
+    )
+    return snap
 
 
 async def load(conn: AsyncConnection, events: Sequence[Envelope]) -> Snapshot:
@@ -106,15 +141,10 @@ async def load(conn: AsyncConnection, events: Sequence[Envelope]) -> Snapshot:
     snap = Snapshot()
     snap.parcels = await _rows(conn, parcels, "tracking_number", parcel_keys)
     order_keys |= {(shop, p["order_id"]) for (shop, _), p in snap.parcels.items()}
-    snap.orders = await _rows(conn, orders, "order_id", order_keys)
+    snap.orders = await _rows(conn, orders, "order_id", order_keys, order_row)
     for row in snap.orders.values():
         customer_keys.add((row["shop_id"], row["customer_id"]))
-    snap.customers = await _rows(conn, customers, "customer_id", customer_keys)
-    for row in snap.customers.values():
-        row["tags"] = orjson.loads(row["tags"])
-    for row in snap.orders.values():
-        row["statuses"] = orjson.loads(row["statuses"])
-        row["skus"] = orjson.loads(row["skus"])
+    snap.customers = await _rows(conn, customers, "customer_id", customer_keys, customer_row)
     return snap
 
 
