@@ -25,7 +25,7 @@ from sqlalchemy import and_, or_, select
 from libs.common.bus.embedded import bus_messages, bus_offsets, partition_for
 from libs.common.db import Database
 from libs.common.db.tables import processed_events
-from libs.common.events import topic_name
+from libs.common.events import parse_event, topic_name
 from libs.common.settings import Settings
 from tests.servers import free_port, wait_for_port
 
@@ -209,8 +209,9 @@ class Platform:
         topics of `types`, instead of sleeping and hoping.
 
         A marker event of each type goes to every partition of its topic: an event of a
-        shop of markers only (so no tested shop sees them), from a customer whose key
-        `shop:customer` lands on that partition. Ingest answered 2xx for every earlier
+        shop of markers only (so no tested shop sees them) whose partition key (the one
+        ingest publishes it with, `Envelope.key`: the order for order events, the
+        customer otherwise) lands on that partition. Ingest answered 2xx for every earlier
         event, so each lies before the marker of its partition, and a partition is
         consumed in order: once every marker is applied, so is everything before it.
         """
@@ -220,13 +221,13 @@ class Platform:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         events: list[dict[str, Any]] = []
         for type_ in types:
-            chosen: dict[int, str] = {}
+            chosen: dict[int, dict[str, Any]] = {}
             n = 0
             while len(chosen) < self.partitions():
-                cid = f"{token}-{type_.split('.')[0]}-{n}"
-                chosen.setdefault(self.partition_of(f"{_SETTLE_SHOP}:{cid}"), cid)
+                marker = _marker(_SETTLE_SHOP, f"{token}-{type_.split('.')[0]}-{n}", type_, now)
+                chosen.setdefault(self.partition_of(parse_event(marker).key), marker)
                 n += 1
-            events += [_marker(_SETTLE_SHOP, cid, type_, now) for cid in chosen.values()]
+            events += chosen.values()
         key = self._settle_key
         r = await self.request("POST", "/v1/events", key=key, json=events)
         assert r.status_code == 202, r.text
