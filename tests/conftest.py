@@ -51,6 +51,8 @@ def make_settings(
             database_url=pg,
             bus_url=bus,
             topic_partitions=4,
+            # Tansu holds a group join for half the session: joins take 2 s, not 5 s.
+            consumer_session_timeout_ms=4_000,
             topic_namespace=f"t{uuid.uuid4().hex[:8]}.",
             kafka_idempotence=os.environ.get("HUITOU_TEST_KAFKA_IDEMPOTENCE") == "1",
             **SINGLE_BROKER,

@@ -63,6 +63,7 @@ class Platform:
             HUITOU_TOPIC_MIN_INSYNC_REPLICAS=str(s.topic_min_insync_replicas),
             HUITOU_TIMER_POLL_INTERVAL_S="0.2",
             HUITOU_CONSUMER_BATCH_SIZE=str(s.consumer_batch_size),
+            HUITOU_CONSUMER_SESSION_TIMEOUT_MS=str(s.consumer_session_timeout_ms),
             HUITOU_TIMER_BATCH_SIZE=str(s.timer_batch_size),
             HUITOU_BUS_PUBLISH_TIMEOUT_S=str(s.bus_publish_timeout_s),
         )
@@ -78,12 +79,19 @@ class Platform:
         return ("platform",) if self.embedded else SERVICES
 
     async def start(self, name: str | None = None) -> None:
-        for n in [name] if name else self.names():
+        """Start `name` (or every process) and wait until each answers `/readyz`; the
+        processes start together (each joins its consumer groups on its own)."""
+        names = [name] if name else list(self.names())
+        for n in names:
             port = self.ports.setdefault(n, free_port())
             args = ["up"] if n == "platform" else ["serve", n.split("#", 1)[0]]
             self.processes[n] = self._spawn(n, [*args, "--port", str(port)])
-            await asyncio.to_thread(wait_for_port, port, 60)
+
+        async def ready(n: str) -> None:
+            await asyncio.to_thread(wait_for_port, self.ports[n], 60)
             await self.wait_ready(n)
+
+        await asyncio.gather(*(ready(n) for n in names))
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.workdir / f"{name}.log", "ab") as log:

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     consumer_max_attempts: int = Field(default=5, ge=1)
     """Attempts per message before it goes to the dead-letter topic with its error."""
     consumer_retry_backoff_s: float = Field(default=0.2, ge=0)
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    """Kafka group session: a member silent this long is taken out of the group and its
+    partitions reassigned (heartbeats every third of it). Shorter moves a dead member's
+    partitions sooner (and some brokers, Tansu among them, hold a join for half of it);
+    longer rides out longer pauses without a rebalance."""
     consumer_stuck_after_s: float = Field(default=300, gt=0)
     """A consumer or timer worker that completed nothing (no fetch, no handler call) for
     this long is reported stuck by `/readyz`."""
