@@ -2,7 +2,8 @@
 
 Every operation of `/openapi.json` is exercised twice, once with a shop key and once with
 the admin key (its boundary-value phase over the admin's own operations, the shops; the
-shop key's run covers the boundaries of the rest), by the `schemathesis run` command (a subprocess: the CLI runs every phase —
+shop key's run covers the boundaries of the rest), by the `schemathesis run` command
+(a subprocess: the CLI runs every phase —
 the schema's examples, its boundary values such as huge integers, empty strings, wrong
 types and undocumented methods, `HUITOU_FUZZ_EXAMPLES` (default 5: the suite's time
 budget) generated cases per operation, positive and negative, then stateful sequences —
