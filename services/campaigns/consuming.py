@@ -27,6 +27,7 @@ from services.campaigns.engine import (
     entry_of,
     from_row,
     load_journeys,
+    select_rows,
 )
 from services.campaigns.models import enrollments, entries
 
@@ -144,10 +145,8 @@ async def _load_affected(
     if converts:
         horizon = run.now - timedelta(days=400)
         for where in projection.by_shop(enrollments, "customer_id", converts):
-            query = select(enrollments).where(
-                where, e.converted_at.is_(None), e.entered_at >= horizon
-            )
-            for row in (await run.conn.execute(query)).mappings():
+            query = select_rows().where(where, e.converted_at.is_(None), e.entered_at >= horizon)
+            for row in await run.conn.execute(query):
                 run.add(from_row(row))
 
 
@@ -245,6 +244,7 @@ def _follow_merge(run: Run, event: Envelope, who: projection.Resolved) -> None:
     for enrollment in run.live.values():
         if enrollment.shop_id == event.shop_id and enrollment.customer_id in merged:
             enrollment.customer_id = who.customer_id or enrollment.customer_id
+            enrollment.customer_moved = True
             run.touch(enrollment)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from prometheus_client import Counter
-from sqlalchemy import and_, delete, select
+from sqlalchemy import Select, and_, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
@@ -133,6 +133,8 @@ class Enrollment:
     converted_at: datetime | None = None
     revenue_minor: int | None = None
     messaged: bool = False
+    customer_moved: bool = False
+    """A merge gave the enrollment another customer in this unit of work."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -171,6 +173,21 @@ _ROW = (
 )
 
 
+_PROGRESS = (
+    "status",
+    "step_id",
+    "due_at",
+    "context",
+    "updated_at",
+    "exit_reason",
+    "converted_at",
+    "revenue_minor",
+    "messaged",
+)
+"""The columns that change as an enrollment moves on (the rest are fixed at entry, but
+for the customer, which a merge moves: `Enrollment.customer_moved`)."""
+
+
 _SEND = (
     "shop_id",
     "idempotency_key",
@@ -186,10 +203,20 @@ _SEND = (
 )
 
 
-def from_row(row: Any) -> Enrollment:
-    values = {name: row[name] for name in _ROW}
-    values["context"] = orjson.loads(values["context"])
-    return Enrollment(**values)
+def select_rows() -> Select[Any]:
+    """The enrollment columns `from_row` takes, in `_ROW` order."""
+    return select(*(enrollments.c[name] for name in _ROW))
+
+
+_CONTEXT = _ROW.index("context")
+
+
+def from_row(row: Sequence[Any]) -> Enrollment:
+    """An enrollment from a row of `select_rows()` (positional: the fire path reads
+    hundreds per batch)."""
+    values = list(row)
+    values[_CONTEXT] = orjson.loads(values[_CONTEXT])
+    return Enrollment(*values)
 
 
 @dataclass
@@ -217,6 +244,20 @@ def _definition(shop: str, journey_id: str, version: int, text: str) -> Definiti
             _parsed.clear()
         found = _parsed[key] = parse_definition(orjson.loads(text))
     return found
+
+
+_actions: dict[int, tuple[Definition, tuple[str, ...]]] = {}
+
+
+def actions_of(definition: Definition) -> tuple[str, ...]:
+    """Each step's action, found once per parsed definition (the walk labels every step
+    it runs; `Step.action` looks through the step's fields)."""
+    found = _actions.get(id(definition))
+    if found is None or found[0] is not definition:
+        if len(_actions) > 10_000:
+            _actions.clear()
+        found = _actions[id(definition)] = (definition, tuple(s.action for s in definition.steps))
+    return found[1]
 
 
 async def load_journeys(
@@ -313,6 +354,7 @@ class Run:
         self.claimed: set[str] = set()
         """Timer keys the timer worker claimed (deleted) for this run: nothing to cancel."""
         self.tally: Tally[tuple[str, str, int, str]] = Tally()
+        self.metrics: Tally[tuple[Any, tuple[str, ...]]] = Tally()
         self.entries: dict[tuple[str, str, str], datetime] = {}
         self.send_rows: list[dict[str, Any]] = []
         self.messages: list[Message] = []
@@ -367,13 +409,13 @@ class Run:
                 )
             for where in projection.by_shop(enrollments, "enrollment_id", chunk):
                 query = (
-                    select(enrollments)
+                    select_rows()
                     .where(where, e.status.in_(LIVE))
                     .order_by(e.shop_id, e.enrollment_id)
                 )
                 if self.postgres:
                     query = query.with_for_update()
-                for row in (await self.conn.execute(query)).mappings():
+                for row in await self.conn.execute(query):
                     enrollment = from_row(row)
                     self.add(enrollment)
                     found.append(enrollment)
@@ -401,6 +443,11 @@ class Run:
 
     # Bookkeeping ---------------------------------------------------------------------
 
+    def metric(self, metric: Any, *labels: str) -> None:
+        """Count one on `metric{labels}` when the unit of work is written (`flush`): the
+        walk counts per step, Prometheus is told once per label set and batch."""
+        self.metrics[(metric, labels)] += 1
+
     def count(self, enrollment: Enrollment, name: str, n: int = 1) -> None:
         self.tally[(enrollment.shop_id, enrollment.journey_id, enrollment.version, name)] += n
 
@@ -417,7 +464,7 @@ class Run:
         enrollment.due_at = None
         self.touch(enrollment)
         self.count(enrollment, f"exited:{reason}")
-        _child(EXITED, _reason_label(reason)).inc()
+        self.metric(EXITED, _reason_label(reason))
         if self.dry:
             self.path.append({"exit": reason})
 
@@ -455,11 +502,11 @@ class Run:
         journey = self.journeys[(enrollment.shop_id, enrollment.journey_id)]
         definition = journey.definition(enrollment.version)
         steps = definition.steps
+        actions = actions_of(definition)
         gated = definition.cancellable
         while index < len(steps):
             step = steps[index]
-            action = step.action
-            _child(STEPS, action).inc()
+            self.metric(STEPS, actions[index])
             if step.wait is not None:
                 self.wait(enrollment, step, anchor + step.wait, "wait", gated)
                 return
@@ -501,7 +548,7 @@ class Run:
         category = definition.category
         if enrollment.held_out:
             self.count(enrollment, "msg:held_out")
-            _child(SENDS, category, "held_out").inc()
+            self.metric(SENDS, category, "held_out")
             if self.dry:
                 self.path.append({"step": step.id, "send": "held_out"})
             return None
@@ -513,21 +560,21 @@ class Run:
             deadline = datetime.fromisoformat(first_try) + cap.defer_max
             if cap.on_cap == "skip":
                 self.count(enrollment, "cap:skipped")
-                _child(SENDS, category, "cap_skipped").inc()
+                self.metric(SENDS, category, "cap_skipped")
                 if self.dry:
                     self.path.append({"step": step.id, "send": "skipped", "reason": "cap"})
                 return None
             if allowed_at > deadline:
                 enrollment.context.pop("deferred_since", None)
                 self.count(enrollment, "cap:expired")
-                _child(SENDS, category, "cap_expired").inc()
+                self.metric(SENDS, category, "cap_expired")
                 if self.dry:
                     self.path.append({"step": step.id, "send": "dropped", "reason": "cap_expired"})
                 return None
             if "deferred_since" not in enrollment.context:
                 enrollment.context["deferred_since"] = first_try
                 self.count(enrollment, "cap:deferred")
-                _child(SENDS, category, "cap_deferred").inc()
+                self.metric(SENDS, category, "cap_deferred")
             return allowed_at
         enrollment.context.pop("deferred_since", None)
         key = (
@@ -599,7 +646,7 @@ class Run:
         )
         enrollment.messaged = True
         self.count(enrollment, "msg:requested")
-        _child(SENDS, category, "requested").inc()
+        self.metric(SENDS, category, "requested")
         return None
 
     def request_tag(self, enrollment: Enrollment, step: Step) -> None:
@@ -672,6 +719,9 @@ class Run:
     async def flush(self) -> None:
         if self.dry:
             return
+        for (metric, labels), n in self.metrics.items():
+            _child(metric, *labels).inc(n)
+        self.metrics.clear()
         conn = self.conn
         if self.cancel:
             keys = sorted(self.cancel - set(self.schedule) - self.claimed)
@@ -681,21 +731,23 @@ class Run:
                 )
         if self.schedule:
             await schedule(conn, list(self.schedule.values()))
-        # One statement per table whatever the batch's size: the rows go in as one
-        # parameter (JSON on SQLite, arrays on PostgreSQL; `libs.common.db.keysets`).
-        rows = [self.live[key].values() for key in sorted(self.changed)]
-        if rows:
-            stmt = reused(
-                conn,
-                "campaigns.enrollments.upsert",
-                lambda: upsert(
-                    conn,
-                    enrollments,
-                    ["shop_id", "enrollment_id"],
-                    [c for c in _ROW if c not in ("shop_id", "enrollment_id")],
-                    source=insert_select(conn, enrollments, _ROW, None),
-                ),
-            )
+        # One statement per kind of change whatever the batch's size: the rows go in as
+        # one parameter (JSON on SQLite, arrays on PostgreSQL; `libs.common.db.keysets`).
+        # An enrollment moving on sets only the columns a step changes, so the indexes
+        # over its fixed ones (customer, order, journey) are left alone.
+        entered: list[tuple[Any, ...]] = []
+        moved: list[tuple[Any, ...]] = []
+        for key in sorted(self.changed):
+            enrollment = self.live[key]
+            fixed = key not in self.new and not enrollment.customer_moved
+            (moved if fixed else entered).append(enrollment.values())
+        for name, rows, columns in (
+            ("entered", entered, _ROW[2:]),
+            ("moved", moved, _PROGRESS),
+        ):
+            if not rows:
+                continue
+            stmt = reused(conn, f"campaigns.enrollments.{name}", _upsert_of(conn, columns))
             await conn.execute(stmt, rows_params(conn, "new", columns_of(enrollments, _ROW), rows))
         if self.send_rows:
             stmt = reused(
@@ -722,6 +774,17 @@ class Run:
                 ],
             )
         await add_counts(conn, self.tally)
+
+
+def _upsert_of(conn: AsyncConnection, columns: Sequence[str]) -> Callable[[], Any]:
+    """Builds the one-statement upsert of enrollment rows setting `columns` on conflict."""
+    return lambda: upsert(
+        conn,
+        enrollments,
+        ["shop_id", "enrollment_id"],
+        columns,
+        source=insert_select(conn, enrollments, _ROW, None),
+    )
 
 
 async def add_counts(conn: AsyncConnection, tally: Tally[tuple[str, str, int, str]]) -> None:
@@ -839,7 +902,7 @@ async def enroll(
     run.count(enrollment, "entered")
     if held_out:
         run.count(enrollment, "held_out")
-    _child(ENROLLED, definition.category, "held_out" if held_out else "treated").inc()
+    run.metric(ENROLLED, definition.category, "held_out" if held_out else "treated")
     if run.dry:
         run.path.append({"enrolled": True, "held_out": held_out})
     await run.walk(enrollment, 0, entry.at)

@@ -26,6 +26,7 @@ from services.campaigns.engine import (
     from_row,
     load_journeys,
     resume,
+    select_rows,
 )
 from services.campaigns.models import enrollments, watermarks
 
@@ -89,10 +90,10 @@ async def fire_timers(
     e = enrollments.c
     loaded: list[Enrollment] = []
     for where in projection.by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
-        query = select(enrollments).where(where).order_by(e.shop_id, e.enrollment_id)
+        query = select_rows().where(where).order_by(e.shop_id, e.enrollment_id)
         if run.postgres:
             query = query.with_for_update()
-        loaded += [from_row(row) for row in (await conn.execute(query)).mappings()]
+        loaded += [from_row(row) for row in await conn.execute(query)]
     gated_any = any(t.payload.get("g") for t in fired)
     mark = await watermark(conn) if gated_any else None
     if mark is not None:

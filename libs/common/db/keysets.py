@@ -41,10 +41,20 @@ Columns = Sequence[tuple[str, TypeEngine[Any]]]
 _T = TypeVar("_T")
 
 
+_TEXTS: dict[datetime, str] = {}
+"""Recent datetimes as SQLite text: a batch's rows share a few instants (the unit of
+work's `now`), formatted once each."""
+
+
 def _sqlite_default(value: Any) -> Any:
     """What orjson cannot (or, for datetimes, must not) encode itself."""
     if isinstance(value, datetime):
-        return sqlite_utc_text(value)
+        text = _TEXTS.get(value)
+        if text is None:
+            if len(_TEXTS) >= 4096:
+                _TEXTS.clear()
+            text = _TEXTS[value] = sqlite_utc_text(value)
+        return text
     if isinstance(value, bytes):
         # JSON has no bytes: UTF-8 text, cast back to a BLOB (see `rows_of`).
         return value.decode()
