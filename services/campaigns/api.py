@@ -628,12 +628,13 @@ async def _release_held(
     e = enrollments.c
     rows = (
         await conn.execute(
-            select(e.enrollment_id, e.step_id, e.due_at).where(
+            select(e.enrollment_id, e.step_id, e.version, e.context).where(
                 e.shop_id == shop, e.journey_id == journey_id, e.status == "held"
             )
         )
     ).all()
     kind = engine.TIMER_KINDS[category]
+    journey = (await engine.load_journeys(conn, [shop], statuses=("active",)))[(shop, journey_id)]
     for start in range(0, len(rows), 1000):
         chunk = rows[start : start + 1000]
         pending = [
@@ -642,7 +643,14 @@ async def _release_held(
                 kind,
                 shop,
                 now,
-                {"e": r.enrollment_id, "s": r.step_id, "m": "wait", "g": False},
+                {
+                    "e": r.enrollment_id,
+                    "s": r.step_id,
+                    # The wait as it was when held: a cap's deferral retries its send,
+                    # and a wait an event can cancel still waits for the pipeline.
+                    "m": orjson.loads(r.context).get("held_mode", "wait"),
+                    "g": journey.definition(r.version).cancellable,
+                },
             )
             for r in chunk
         ]

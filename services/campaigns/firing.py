@@ -112,6 +112,7 @@ async def fire_timers(
             continue
         if journey.status == "paused":
             enrollment.status = "held"
+            enrollment.context["held_mode"] = timer.payload.get("m", "wait")
             run.touch(enrollment)
             continue
         if timer.payload.get("g"):
