@@ -255,6 +255,30 @@ def _observe_many(histogram: Any, values: list[float]) -> None:
     total.inc(sum(values))
 
 
+_COMMITTED = "huitou.after_commit"
+
+
+def after_commit(conn: AsyncConnection, job: Callable[[], Awaitable[None]]) -> None:
+    """Run `job` once the timer round on `conn` has committed (never if it rolls back):
+    work a handler must not do inside the claiming transaction, such as calling an
+    outside system whose effect cannot be rolled back. The job should be quick (hand the
+    work to a task of its own); a process that dies before it runs loses it, so the
+    handler records in the transaction what a later timer must check."""
+    conn.info.setdefault(_COMMITTED, []).append(job)
+
+
+async def run_committed(conn: AsyncConnection) -> None:
+    for job in conn.info.pop(_COMMITTED, []):
+        try:
+            await job()
+        except Exception:
+            log.exception("after-commit job failed")
+
+
+def _forget_committed(conn: AsyncConnection) -> None:
+    conn.info.pop(_COMMITTED, None)
+
+
 class TimerWorker:
     """Fires due timers of one service; start several (or several processes) to scale.
 
@@ -440,15 +464,27 @@ class TimerWorker:
         (None if none is, or after a failure)."""
         try:
             if conn is None:
-                async with self.db.begin() as own:
-                    return await self._claim_and_fire(own, now, lane)
-            async with conn.begin():
-                return await self._claim_and_fire(conn, now, lane)
+                async with self.db.engine.connect() as own:
+                    return await self._in_transaction(own, now, lane)
+            return await self._in_transaction(conn, now, lane)
         except Exception as exc:
             if is_transient_error(exc):
                 raise  # nothing wrong with the timers: the next round fires them again
             log.warning("timer batch failed; firing one by one", extra={"error": repr(exc)})
         return await self._fire_one_by_one(now), None
+
+    async def _in_transaction(
+        self, conn: AsyncConnection, now: datetime, lane: list[str] | None
+    ) -> tuple[int, datetime | None]:
+        """One round in a transaction of its own, then its `after_commit` jobs."""
+        try:
+            async with conn.begin():
+                fired = await self._claim_and_fire(conn, now, lane)
+        except BaseException:
+            _forget_committed(conn)
+            raise
+        await run_committed(conn)
+        return fired
 
     async def _claim_and_fire(
         self, conn: AsyncConnection, now: datetime, lane: list[str] | None = None
@@ -543,8 +579,14 @@ class TimerWorker:
             )
         for key in keys:
             try:
-                async with self.db.begin() as conn:
-                    await self._fire(conn, await self._claim(conn, now, 1, key), now)
+                async with self.db.engine.connect() as conn:
+                    try:
+                        async with conn.begin():
+                            await self._fire(conn, await self._claim(conn, now, 1, key), now)
+                    except BaseException:
+                        _forget_committed(conn)
+                        raise
+                    await run_committed(conn)
             except Exception as exc:
                 if is_transient_error(exc):
                     # Not the timer's fault: it stays due, uncounted, for the next round.

@@ -23,6 +23,7 @@ from libs.common.timers import (
     Timer,
     TimerHandler,
     TimerWorker,
+    after_commit,
     cancel,
     retry_dead_timers,
     schedule,
@@ -160,6 +161,44 @@ async def test_only_due_timers_fire_and_their_effect_commits_with_them(db: Datab
     assert await count(db, timers) == 1
     assert await count(db, processed_events) == 2
     assert await worker(db, handler, NOW).fire_due() == 0
+
+
+async def test_after_commit_jobs_run_only_once_their_round_committed(db: Database) -> None:
+    """The hook for work that must not happen inside the claim (a provider call): it runs
+    after the round committed, and never for a round that rolled back."""
+    async with db.begin() as conn:
+        await schedule(
+            conn, [Timer("shop|ok", "ok", "shop", NOW), Timer("shop|bad", "bad", "shop", NOW)]
+        )
+    ran: list[tuple[str, int]] = []
+
+    def handler(fail: bool) -> TimerHandler:
+        async def fire(conn: AsyncConnection, batch: list[Timer]) -> None:
+            for t in batch:
+
+                async def job(key: str = t.key) -> None:
+                    # Committed: another connection sees the claim (the timer row gone).
+                    ran.append((key, await count(db, timers)))
+
+                after_commit(conn, job)
+            if fail:
+                raise RuntimeError("handler failed after registering its job")
+
+        return fire
+
+    w = TimerWorker(
+        db,
+        "plumbing",
+        {"ok": handler(False), "bad": handler(True)},
+        clock=lambda: NOW,
+        lanes=[["ok"], ["bad"]],
+        max_attempts=1,
+    )
+    await w.fire_due()
+    # "bad" rolled back (then was retried alone and died): its jobs never ran.
+    # (The "ok" lane committed first: only the "bad" timer was left when its job ran.)
+    assert ran == [("shop|ok", 1)]
+    assert await count(db, dead_timers) == 1
 
 
 async def test_rescheduling_a_key_replaces_it_and_cancel_removes_it(db: Database) -> None:
