@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.common.db.keysets import by_shop
 from libs.common.events import Envelope
 from services.campaigns import projection
 from services.campaigns.conditions import evaluate
@@ -144,7 +145,7 @@ async def _load_affected(
         await run.lock_live(or_(*clauses[start : start + 200]))
     if converts:
         horizon = run.now - timedelta(days=400)
-        for where in projection.by_shop(enrollments, "customer_id", converts):
+        for where in by_shop(enrollments, "customer_id", converts):
             query = select_rows().where(where, e.converted_at.is_(None), e.entered_at >= horizon)
             for row in await run.conn.execute(query):
                 run.add(from_row(row))

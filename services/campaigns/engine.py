@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus.base import Message
 from libs.common.db.dialect import insert_ignore, upsert
-from libs.common.db.keysets import columns_of, insert_select, reused, rows_params
+from libs.common.db.keysets import by_shop, columns_of, insert_select, reused, rows_params
 from libs.common.db.tables import shops, timers
 from libs.common.events import (
     Envelope,
@@ -407,7 +407,7 @@ class Run:
                     .order_by(timers.c.key)
                     .with_for_update()
                 )
-            for where in projection.by_shop(enrollments, "enrollment_id", chunk):
+            for where in by_shop(enrollments, "enrollment_id", chunk):
                 query = (
                     select_rows()
                     .where(where, e.status.in_(LIVE))

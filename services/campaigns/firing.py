@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.common.db.keysets import by_shop
 from libs.common.db.tables import timers
 from libs.common.timers import Timer
 from services.campaigns import projection
@@ -89,7 +90,7 @@ async def fire_timers(
     by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
     e = enrollments.c
     loaded: list[Enrollment] = []
-    for where in projection.by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
+    for where in by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
         query = select_rows().where(where).order_by(e.shop_id, e.enrollment_id)
         if run.postgres:
             query = query.with_for_update()

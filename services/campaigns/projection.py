@@ -10,7 +10,7 @@ per table) in event order and written back with one upsert per table.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.keysets import by_shop
 from libs.common.events import Envelope, decode_event
 from services.campaigns.models import customers, orders, parcels, parked
 
@@ -62,18 +63,6 @@ def _customer_of(event: Envelope) -> str | None:
         return str(value) if value else None
     customer = data.get("customer") or {}
     return event.subject or customer.get("id") or customer.get("phone") or customer.get("email")
-
-
-def by_shop(table: Any, key: str, keys: Iterable[Key], chunk: int = 500) -> Iterator[Any]:
-    """WHERE clauses selecting `(shop_id, key)` pairs: one shop and up to `chunk` keys
-    each (`shop_id = ? AND key IN (…)`, bound parameters, so the statement is cached; a
-    row-value IN would be rendered literally, and compiled anew, on SQLite)."""
-    grouped: dict[str, list[str]] = {}
-    for shop, value in sorted(set(keys)):
-        grouped.setdefault(shop, []).append(value)
-    for shop, values in grouped.items():
-        for start in range(0, len(values), chunk):
-            yield (table.c.shop_id == shop) & table.c[key].in_(values[start : start + chunk])
 
 
 def customer_row(row: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ and PostgreSQL plans one join instead of one probe per executed row.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -195,3 +195,17 @@ async def planned_per_execution(conn: AsyncConnection) -> AsyncIterator[None]:
         # Not in a `finally`: after an error the transaction is rolled back (and the
         # setting with it); a statement there would only hide the error.
         await conn.execute(text("SET LOCAL plan_cache_mode = auto"))
+
+
+def by_shop(
+    table: Any, key: str, keys: Iterable[tuple[str, str]], chunk: int = 500
+) -> Iterator[Any]:
+    """WHERE clauses selecting `(shop_id, key)` pairs: one shop and up to `chunk` keys
+    each (`shop_id = ? AND key IN (…)`, bound parameters, so the statement is cached; a
+    row-value IN would be rendered literally, and compiled anew, on SQLite)."""
+    grouped: dict[str, list[str]] = {}
+    for shop, value in sorted(set(keys)):
+        grouped.setdefault(shop, []).append(value)
+    for shop, values in grouped.items():
+        for start in range(0, len(values), chunk):
+            yield (table.c.shop_id == shop) & table.c[key].in_(values[start : start + chunk])
