@@ -34,6 +34,13 @@ ROUTES = {
     "ingest": ("/v1/shops", "/v1/events", "/v1/webhooks", "/v1/logistics"),
     "lifecycle": ("/v1/customers", "/v1/overview", "/v1/tags", "/v1/segments", "/v1/policy"),
     "campaigns": ("/v1/journeys", "/v1/playbooks", "/v1/promotions"),
+    "notifier": (
+        "/v1/messages",
+        "/v1/channels",
+        "/v1/templates",
+        "/v1/consent",
+        "/v1/notifier",
+    ),
 }
 
 
@@ -71,6 +78,8 @@ class Platform:
             env["HUITOU_DATABASE_URL"] = s.database_url
         if not self.embedded and "lifecycle" in self.ports:
             env["HUITOU_LIFECYCLE_URL"] = f"http://127.0.0.1:{self.ports['lifecycle']}"
+        if not self.embedded and "notifier" in self.ports:
+            env["HUITOU_NOTIFIER_URL"] = f"http://127.0.0.1:{self.ports['notifier']}"
         if s.bus_url:
             env["HUITOU_BUS_URL"] = s.bus_url
         return env
@@ -82,10 +91,11 @@ class Platform:
         """Start `name` (or every process) and wait until each answers `/readyz`; the
         processes start together (each joins its consumer groups on its own)."""
         names = [name] if name else list(self.names())
+        for n in names:  # every port first: a service is told where the others listen
+            self.ports.setdefault(n, free_port())
         for n in names:
-            port = self.ports.setdefault(n, free_port())
             args = ["up"] if n == "platform" else ["serve", n.split("#", 1)[0]]
-            self.processes[n] = self._spawn(n, [*args, "--port", str(port)])
+            self.processes[n] = self._spawn(n, [*args, "--port", str(self.ports[n])])
 
         async def ready(n: str) -> None:
             await asyncio.to_thread(wait_for_port, self.ports[n], 60)

@@ -51,3 +51,6 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("aiokafka").setLevel("WARNING")
+    # httpx logs each request's full URL at INFO: provider status queries carry phone
+    # numbers in their query strings (URL-encoded, past `mask`).
+    logging.getLogger("httpx").setLevel("WARNING")

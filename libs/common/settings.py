@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     """Base URL of the lifecycle service, for the reads campaigns makes on an operator's
     behalf (a shop's repurchase cycle for a playbook); default: this process
     (`http://127.0.0.1:<port>`, right in the embedded mode)."""
+    notifier_url: str | None = None
+    """Base URL of the notifier, where campaigns saves a playbook's default templates
+    (with the operator's key) when the shop has none of that name; default: this process."""
     journey_watermark_max_hold_s: float = Field(default=60, ge=0)
     """How long past its due time a wait that an event could cancel may be held while
     campaigns has not consumed every partition up to that time (then it fires anyway)."""

@@ -37,7 +37,7 @@ from services.campaigns.broadcasts import (
 from services.campaigns.conditions import evaluate
 from services.campaigns.definitions import Definition, parse_definition
 from services.campaigns.models import enrollments, journey_versions, journeys, promotions
-from services.campaigns.playbooks import PLAYBOOKS, make
+from services.campaigns.playbooks import PLAYBOOKS, TEMPLATES, make
 from services.campaigns.reports import report
 
 NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
@@ -552,7 +552,46 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             raise Problem(422, "the playbook's parameters are invalid", errors=errors) from None
         except ValueError as exc:
             raise Problem(422, str(exc)) from None
-        return await _create(shop, _parse(made), playbook=name, activate=body.activate)
+        definition = _parse(made)
+        await _default_templates(request, shop if principal.is_admin else None, definition)
+        return await _create(shop, definition, playbook=name, activate=body.activate)
+
+    async def _default_templates(
+        request: Request, admin_shop: str | None, definition: Definition
+    ) -> None:
+        """Save in the notifier, with the caller's own key, the shipped default texts of
+        the templates the journey sends that the shop has none of (a 409 means it has one:
+        the operator's own stands)."""
+        wanted = {
+            (step.send.template, step.send.channel)
+            for step in definition.steps
+            if step.send is not None and step.send.template in TEMPLATES
+        }
+        if not wanted:
+            return
+        settings = ctx.settings
+        base = settings.notifier_url or f"http://127.0.0.1:{settings.port}"
+        params = {"shop_id": admin_shop} if admin_shop else {}
+        headers = {"Authorization": request.headers.get("authorization", "")}
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                for template, channel in sorted(wanted):
+                    locales = {
+                        locale: (dict(texts) if channel == "email" else {"text": texts["text"]})
+                        for locale, texts in TEMPLATES[template].items()
+                    }
+                    r = await client.post(
+                        f"{base}/v1/templates",
+                        params=params,
+                        headers=headers,
+                        json={"name": template, "channel": channel, "locales": locales},
+                    )
+                    if r.status_code not in (201, 409):
+                        raise Problem(
+                            503, f"the notifier refused the template {template!r}: {r.text[:200]}"
+                        )
+        except httpx.HTTPError as exc:
+            raise Problem(503, f"the notifier cannot be reached: {exc!r}"[:200]) from None
 
     async def _schedule_if_broadcast(
         conn: AsyncConnection, shop: str, journey_id: str, version: int, now: datetime

@@ -1,37 +1,57 @@
-"""The notifier service. Sending comes with its own issue; for now it runs as a member of the
-platform: it migrates its database, projects shops and keys, consumes the notification
-requests (counting them) and serves health and metrics."""
+"""The notifier service: `notification.requested` events become messages (`intake`), sent
+once each through the shop's provider on the durable timers (`sending`), with consent,
+suppressions, quiet hours and rate limits applied (`rules`) and every status change
+recorded and emitted (`statuses`). Routes in `api`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from prometheus_client import Counter
+from datetime import UTC, datetime
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
 from services.notifier import migrations
+from services.notifier.api import build_router
+from services.notifier.intake import SEND_TIMER, accept
+from services.notifier.registry import adapters
+from services.notifier.sending import RECONCILE_TIMER, Sending
 
 GROUP = "notifier"
-REQUESTS_SEEN = Counter(
-    "huitou_notifier_requests_seen_total", "Notification requests consumed", ["channel"]
-)
+
+
+class _Stop:
+    """Stops the sender with the service (calls under way finish first)."""
+
+    def __init__(self, sending: Sending) -> None:
+        self.sending = sending
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        await self.sending.stop()
 
 
 def build(ctx: ServiceContext) -> ServiceParts:
-    async def observe(_conn: AsyncConnection, events: list[Envelope]) -> None:
-        for event in events:
-            REQUESTS_SEEN.labels(str(event.data.get("channel"))).inc()
+    namespace = ctx.settings.topic_namespace
+    found = adapters()
+    sending = Sending(ctx.db, found, namespace=namespace)
+
+    async def requested(conn: AsyncConnection, events: list[Envelope]) -> None:
+        await accept(conn, events, namespace=namespace, now=datetime.now(UTC))
 
     return ServiceParts(
-        router=APIRouter(tags=["notifier"]),
+        router=build_router(ctx, found, clock=lambda: datetime.now(UTC)),
         subscriptions=[
             Subscription(
                 GROUP,
                 [ctx.topic("notifications.requested")],
-                ctx.events_handler(GROUP, observe),
+                ctx.events_handler(GROUP, requested, types=frozenset({"notification.requested"})),
             )
         ],
+        timer_handlers={SEND_TIMER: sending.fire_sends, RECONCILE_TIMER: sending.fire_reconciles},
+        background=[_Stop(sending)],
     )
 
 

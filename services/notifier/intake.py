@@ -1,0 +1,244 @@
+"""The consumer path: `notification.requested` events become messages, in the batch's
+transaction, with no provider called.
+
+A request whose message exists already (a duplicate, a redelivered batch) changes
+nothing. A new one is checked against the rules (an address, suppressions, consent, a
+template that renders) and either stops there with its reason (`suppressed`, `failed`),
+waits for the end of the quiet hours (`deferred`), or is `queued`; deferred and queued
+messages get a `notify.send` timer, which the sending path fires (`sending.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+from jinja2 import TemplateError
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.db.keysets import by_shop
+from libs.common.db.tables import shops
+from libs.common.events import Envelope, NotificationRequestedData
+from libs.common.timers import Timer, schedule, timer_key
+from services.notifier import rules, templates
+from services.notifier.models import (
+    channels,
+    consents,
+    history,
+    message_id_of,
+    messages,
+    policies,
+    suppressions,
+)
+from services.notifier.models import templates as template_rows
+from services.notifier.statuses import Change, record
+
+SEND_TIMER = "notify.send"
+
+
+@dataclass
+class Channel:
+    provider: str
+    settings: dict[str, Any]
+    fallback_provider: str | None = None
+    fallback_settings: dict[str, Any] | None = None
+
+
+OUTBOX = Channel("outbox", {})
+
+
+@dataclass
+class Context:
+    """What a batch of requests is checked against, read with one statement per table."""
+
+    zones: dict[str, ZoneInfo]
+    policies: dict[str, rules.Policy]
+    channels: dict[tuple[str, str], Channel]
+    templates: dict[tuple[str, str], templates.Template]
+    consents: dict[tuple[str, str], dict[str, bool | None]]
+    suppressed: dict[tuple[str, str, str], str]
+
+    def policy(self, shop: str) -> rules.Policy:
+        return self.policies.get(shop) or rules.Policy()
+
+    def channel(self, shop: str, channel: str) -> Channel:
+        return self.channels.get((shop, channel), OUTBOX)
+
+
+def send_timer(shop: str, message_id: str, due: datetime) -> Timer:
+    return Timer(timer_key(shop, "msg", message_id), SEND_TIMER, shop, due, {"m": message_id})
+
+
+async def load_context(
+    conn: AsyncConnection, wanted: list[tuple[str, NotificationRequestedData]]
+) -> Context:
+    shop_ids = sorted({shop for shop, _ in wanted})
+    zones: dict[str, ZoneInfo] = {}
+    for shop, zone in await conn.execute(
+        select(shops.c.shop_id, shops.c.timezone).where(shops.c.shop_id.in_(shop_ids))
+    ):
+        zones[shop] = ZoneInfo(zone) if zone else ZoneInfo("UTC")
+    found_policies = {
+        shop: rules.Policy.model_validate_json(text)
+        for shop, text in await conn.execute(
+            select(policies.c.shop_id, policies.c.definition).where(
+                policies.c.shop_id.in_(shop_ids)
+            )
+        )
+    }
+    c = channels.c
+    found_channels = {
+        (r.shop_id, r.channel): Channel(
+            r.provider,
+            orjson.loads(r.settings),
+            r.fallback_provider,
+            orjson.loads(r.fallback_settings) if r.fallback_settings else None,
+        )
+        for r in await conn.execute(select(channels).where(c.shop_id.in_(shop_ids)))
+    }
+    names = {(shop, d.template) for shop, d in wanted}
+    found_templates = {}
+    for where in by_shop(template_rows, "name", names):
+        for shop, name, text in await conn.execute(
+            select(template_rows.c.shop_id, template_rows.c.name, template_rows.c.definition).where(
+                where
+            )
+        ):
+            found_templates[(shop, name)] = templates.Template.model_validate_json(text)
+    people = {(shop, d.customer_id) for shop, d in wanted}
+    found_consents: dict[tuple[str, str], dict[str, bool | None]] = {}
+    for where in by_shop(consents, "customer_id", people):
+        for row in await conn.execute(select(consents).where(where)):
+            found_consents[(row.shop_id, row.customer_id)] = {"sms": row.sms, "email": row.email}
+    addresses = {(shop, d.to) for shop, d in wanted if d.to}
+    found_suppressed = {}
+    for where in by_shop(suppressions, "address", addresses):
+        for row in await conn.execute(select(suppressions).where(where)):
+            found_suppressed[(row.shop_id, row.channel, row.address)] = row.reason
+    return Context(
+        zones, found_policies, found_channels, found_templates, found_consents, found_suppressed
+    )
+
+
+async def accept(
+    conn: AsyncConnection, events: list[Envelope], *, namespace: str, now: datetime
+) -> None:
+    """Turn a batch of requests into messages (see the module docstring)."""
+    wanted: dict[tuple[str, str], tuple[Envelope, NotificationRequestedData]] = {}
+    for event in events:
+        if event.type != "notification.requested":
+            continue
+        data = NotificationRequestedData.model_validate(event.data)
+        wanted.setdefault(
+            (event.shop_id, message_id_of(event.shop_id, data.idempotency_key)), (event, data)
+        )
+    if not wanted:
+        return
+    for where in by_shop(messages, "message_id", wanted):
+        for shop, message_id in await conn.execute(
+            select(messages.c.shop_id, messages.c.message_id).where(where)
+        ):
+            wanted.pop((shop, message_id), None)  # requested before: nothing to do
+    if not wanted:
+        return
+    context = await load_context(conn, [(e.shop_id, d) for e, d in wanted.values()])
+    rows: list[dict[str, Any]] = []
+    changes: list[Change] = []
+    due: list[Timer] = []
+    for (shop, message_id), (event, data) in sorted(wanted.items()):
+        row, reason, status, at = _decide(context, shop, message_id, event, data, now)
+        rows.append(row)
+        changes.append(Change(shop, message_id, status, reason, now, row))
+        if at is not None:
+            due.append(send_timer(shop, message_id, at))
+    await conn.execute(insert(messages), rows)
+    await record(conn, changes, namespace=namespace, first=True)
+    await schedule(conn, due)
+
+
+def _decide(
+    context: Context,
+    shop: str,
+    message_id: str,
+    event: Envelope,
+    data: NotificationRequestedData,
+    now: datetime,
+) -> tuple[dict[str, Any], str | None, str, datetime | None]:
+    """The new message's row, and its first status: (row, reason, status, send at)."""
+    extra = data.model_extra or {}
+    category: rules.Category = (
+        "marketing" if extra.get("category") == "marketing" else "transactional"
+    )
+    channel = context.channel(shop, data.channel)
+    policy = context.policy(shop)
+    row: dict[str, Any] = {
+        "shop_id": shop,
+        "message_id": message_id,
+        "idempotency_key": data.idempotency_key,
+        "customer_id": data.customer_id,
+        "journey_id": extra.get("journey_id"),
+        "channel": data.channel,
+        "category": category,
+        "template": data.template,
+        "locale": None,
+        "provider": channel.provider,
+        "fallback_used": False,
+        "recipient": data.to,
+        "subject": None,
+        "body": None,
+        "html": None,
+        "provider_template": None,
+        "status": "queued",
+        "reason": None,
+        "provider_message_id": None,
+        "attempts": 0,
+        "sending_since": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+    def stop(status: str, reason: str) -> tuple[dict[str, Any], str | None, str, None]:
+        row["status"], row["reason"] = status, reason
+        return row, reason, status, None
+
+    if not data.to:
+        return stop("suppressed", "no_address")
+    held = context.suppressed.get((shop, data.channel, data.to))
+    if held is not None:
+        return stop("suppressed", f"suppressed:{held}")
+    consent = context.consents.get((shop, data.customer_id), {}).get(data.channel)
+    refused = rules.consent_reason(policy, category, consent)
+    if refused is not None:
+        return stop("suppressed", refused)
+    template = context.templates.get((shop, data.template))
+    if template is None:
+        return stop("failed", "template_missing")
+    if template.channel != data.channel:
+        return stop("failed", "template_channel_mismatch")
+    locale = str(extra.get("locale") or policy.locale)
+    try:
+        rendered = templates.render(template, locale, data.variables, category=category)
+    except TemplateError as exc:
+        return stop("failed", f"template_error: {exc}"[:300])
+    row["locale"] = rendered.locale
+    row["subject"] = rendered.subject
+    row["body"] = rendered.text
+    row["html"] = rendered.html
+    provider_template = rendered.provider.get(channel.provider)
+    if provider_template is not None:
+        row["provider_template"] = orjson.dumps(
+            {"id": provider_template.id, "params": provider_template.params}
+        ).decode()
+    zone = context.zones.get(shop, ZoneInfo("UTC"))
+    until = rules.quiet_until(policy, category, zone, now)
+    if until is not None:
+        row["status"], row["reason"] = "deferred", "quiet_hours"
+        return row, "quiet_hours", "deferred", until
+    return row, None, "queued", now
+
+
+__all__ = ["SEND_TIMER", "accept", "history", "send_timer"]

@@ -1,0 +1,425 @@
+"""The sending path: one provider call per attempt, recorded before it is made.
+
+1. `notify.send` fires (`fire_sends`, in the claim's transaction): the shop's rate limit
+   is taken from its bucket (a row, so it holds across workers; short of tokens, the
+   timer comes back when they are there), the attempt is recorded (`sending`, attempts
+   + 1, `sending_since`) with a `notify.reconcile` timer as its safety net, and the call
+   is handed to the `Sender` only once that transaction committed (`after_commit`).
+   Nothing here runs inside a consumer's transaction, so a redelivered batch never calls
+   a provider.
+2. The `Sender` calls the provider and records the outcome in a transaction of its own
+   (`finish`): `sent`; `failed` with the provider's code (a hard bounce or a provider's
+   opt-out also suppresses the address); a transient failure retries with exponential
+   backoff and jitter on the durable timers, then fails over to the channel's fallback
+   provider, then fails; an unknown outcome (the answer was lost) waits for the
+   reconciliation.
+3. `notify.reconcile` fires for an attempt still `sending` (the process died between the
+   call and its record, or the answer was lost): the provider's status query says
+   whether it has the message (`sent`/`failed`) or not (then it is sent again: the
+   provider never saw it). Where the provider cannot tell (SMTP), the message is failed
+   with the reason `outcome_unknown` rather than risk a second copy: at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Histogram
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.common.db import Database
+from libs.common.db.dialect import insert_ignore, upsert
+from libs.common.db.keysets import by_shop
+from libs.common.timers import Timer, after_commit, cancel, schedule, timer_key
+from services.notifier import rules
+from services.notifier.intake import SEND_TIMER, send_timer
+from services.notifier.models import channels, messages, policies, rate_buckets, suppressions
+from services.notifier.providers.base import Adapter, Outcome, Outgoing, ProviderTemplate
+from services.notifier.statuses import Change, record
+
+log = logging.getLogger(__name__)
+
+RECONCILE_TIMER = "notify.reconcile"
+RECONCILE_AFTER = timedelta(seconds=60)
+"""How long an attempt may stay `sending` before its reconciliation asks the provider."""
+UNKNOWN_RECHECK = timedelta(seconds=5)
+QUERY_GRACE = timedelta(minutes=10)
+"""A status query that does not find an attempt younger than this is asked again later
+rather than taken as "never sent" (providers' send records can lag the send)."""
+ATTEMPTS_PER_PROVIDER = 3
+BACKOFF_BASE_S = 2.0
+BACKOFF_MAX_S = 300.0
+HARD_BOUNCE = {"550", "551", "553", "554"}
+"""SMTP codes that mean the mailbox does not exist or refuses for good."""
+OPTED_OUT = {"21610"}
+"""Provider codes that mean the recipient opted out at the provider (Twilio STOP)."""
+
+CALLS = Counter(
+    "huitou_notifier_provider_calls_total",
+    "Provider calls by provider and outcome",
+    ["provider", "outcome"],
+)
+CALL_SECONDS = Histogram(
+    "huitou_notifier_provider_call_seconds", "Provider call latency", ["provider"]
+)
+
+
+def reconcile_timer(shop: str, message_id: str, due: datetime) -> Timer:
+    return Timer(timer_key(shop, "rec", message_id), RECONCILE_TIMER, shop, due, {"m": message_id})
+
+
+def backoff(attempts: int) -> timedelta:
+    """Exponential, capped, with full jitter (so retries of a burst spread out)."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    shop_id: str
+    message_id: str
+    attempt: int
+    provider: str
+    settings: Mapping[str, Any]
+    outgoing: Outgoing
+    reconcile: bool = False
+    """A status query of an earlier attempt rather than a send."""
+
+
+def _outgoing(row: Any, sent_at: datetime) -> Outgoing:
+    template = None
+    if row.provider_template:
+        spec = orjson.loads(row.provider_template)
+        template = ProviderTemplate(spec["id"], spec["params"])
+    return Outgoing(
+        message_id=row.message_id,
+        shop_id=row.shop_id,
+        channel=row.channel,
+        to=row.recipient or "",
+        text=row.body or "",
+        subject=row.subject,
+        html=row.html,
+        template=template,
+        sent_at=sent_at,
+    )
+
+
+async def _channel_settings(
+    conn: AsyncConnection, keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(shop, provider) → settings, from each shop's channels (primary and fallback)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    shops = sorted({shop for shop, _ in keys})
+    if not shops:
+        return out
+    for row in await conn.execute(select(channels).where(channels.c.shop_id.in_(shops))):
+        out[(row.shop_id, row.provider)] = orjson.loads(row.settings)
+        if row.fallback_provider and row.fallback_settings:
+            out[(row.shop_id, row.fallback_provider)] = orjson.loads(row.fallback_settings)
+    return out
+
+
+async def _policies(conn: AsyncConnection, shops: set[str]) -> dict[str, rules.Policy]:
+    found = {
+        shop: rules.Policy.model_validate_json(text)
+        for shop, text in await conn.execute(
+            select(policies.c.shop_id, policies.c.definition).where(
+                policies.c.shop_id.in_(sorted(shops))
+            )
+        )
+    }
+    return {shop: found.get(shop) or rules.Policy() for shop in shops}
+
+
+async def _take(
+    conn: AsyncConnection, shop: str, provider: str, rate: rules.RateLimit, wanted: int
+) -> tuple[int, float]:
+    """Take up to `wanted` tokens from the (shop, provider) bucket: (granted, seconds
+    until the rest would be there)."""
+    b = rate_buckets.c
+    query = select(b.tokens, b.refilled_at).where(b.shop_id == shop, b.provider == provider)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    now = datetime.now(UTC).timestamp()
+    tokens, refilled = (float(rate.burst), now) if row is None else (row[0], row[1])
+    granted, left, refilled = rules.take_tokens(tokens, refilled, rate, now, wanted)
+    await conn.execute(
+        upsert(conn, rate_buckets, ["shop_id", "provider"], ["tokens", "refilled_at"]),
+        {"shop_id": shop, "provider": provider, "tokens": left, "refilled_at": refilled},
+    )
+    return granted, rules.wait_for_tokens(left, rate, wanted - granted)
+
+
+class Sending:
+    """The timer handlers and the sender of one notifier process."""
+
+    def __init__(
+        self,
+        db: Database,
+        adapters: Mapping[str, Adapter],
+        *,
+        namespace: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        concurrency: int = 64,
+    ) -> None:
+        self.db = db
+        self.adapters = adapters
+        self.namespace = namespace
+        self.clock = clock
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Let calls under way finish (a call cut off would leave its outcome unknown)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # Timer handlers -----------------------------------------------------------------
+
+    async def fire_sends(self, conn: AsyncConnection, fired: list[Timer]) -> None:
+        now = self.clock()
+        rows = await self._rows(conn, fired, ("queued", "deferred"))
+        if not rows:
+            return
+        shops = {r.shop_id for r in rows}
+        policy = await _policies(conn, shops)
+        settings = await _channel_settings(conn, {(r.shop_id, r.provider) for r in rows})
+        by_bucket: dict[tuple[str, str], list[Any]] = {}
+        for row in rows:
+            by_bucket.setdefault((row.shop_id, row.provider), []).append(row)
+        attempts: list[Attempt] = []
+        changes: list[Change] = []
+        later: list[Timer] = []
+        for (shop, provider), group in sorted(by_bucket.items()):
+            rate = policy[shop].rate(provider)
+            granted, wait = (
+                (len(group), 0.0)
+                if rate is None
+                else await _take(conn, shop, provider, rate, len(group))
+            )
+            for row in group[granted:]:
+                later.append(send_timer(shop, row.message_id, now + timedelta(seconds=wait)))
+            for row in group[:granted]:
+                attempt = row.attempts + 1
+                await conn.execute(
+                    update(messages)
+                    .where(messages.c.shop_id == shop, messages.c.message_id == row.message_id)
+                    .values(status="sending", attempts=attempt, sending_since=now, updated_at=now)
+                )
+                later.append(reconcile_timer(shop, row.message_id, now + RECONCILE_AFTER))
+                changes.append(
+                    Change(shop, row.message_id, "sending", None, now, dict(row._mapping))
+                )
+                attempts.append(
+                    Attempt(
+                        shop,
+                        row.message_id,
+                        attempt,
+                        provider,
+                        settings.get((shop, provider), {}),
+                        _outgoing(row, now),
+                    )
+                )
+        await schedule(conn, later)
+        await record(conn, changes, namespace=self.namespace)
+        if attempts:
+            after_commit(conn, lambda: self._submit(attempts))
+
+    async def fire_reconciles(self, conn: AsyncConnection, fired: list[Timer]) -> None:
+        now = self.clock()
+        rows = await self._rows(conn, fired, ("sending",))
+        if not rows:
+            return
+        settings = await _channel_settings(conn, {(r.shop_id, r.provider) for r in rows})
+        # The safety net stays: if this process dies before asking, the next one asks.
+        await schedule(
+            conn, [reconcile_timer(r.shop_id, r.message_id, now + RECONCILE_AFTER) for r in rows]
+        )
+        checks = [
+            Attempt(
+                r.shop_id,
+                r.message_id,
+                r.attempts,
+                r.provider,
+                settings.get((r.shop_id, r.provider), {}),
+                _outgoing(r, r.sending_since or now),
+                reconcile=True,
+            )
+            for r in rows
+        ]
+        after_commit(conn, lambda: self._submit(checks))
+
+    async def _rows(
+        self, conn: AsyncConnection, fired: list[Timer], statuses: tuple[str, ...]
+    ) -> list[Any]:
+        keys = {(t.shop_id, str(t.payload["m"])) for t in fired}
+        found: list[Any] = []
+        for where in by_shop(messages, "message_id", keys):
+            query = select(messages).where(where, messages.c.status.in_(statuses))
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            found += list(await conn.execute(query.order_by(messages.c.message_id)))
+        return found
+
+    # The calls ------------------------------------------------------------------------
+
+    async def _submit(self, attempts: list[Attempt]) -> None:
+        for attempt in attempts:
+            task = asyncio.create_task(self._run(attempt))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, attempt: Attempt) -> None:
+        async with self._slots:
+            outcome = await self._call(attempt)
+        try:
+            await self.finish(attempt, outcome)
+        except Exception:
+            # The attempt stays `sending`: its reconciliation timer settles it.
+            log.exception(
+                "recording a provider outcome failed", extra={"message": attempt.message_id}
+            )
+
+    async def _call(self, attempt: Attempt) -> Outcome | None:
+        adapter = self.adapters.get(attempt.provider)
+        if adapter is None:
+            return Outcome("failed", code="provider_unknown", detail=attempt.provider)
+        try:
+            settings = adapter.settings_model.model_validate(attempt.settings)
+        except Exception as exc:
+            return Outcome("failed", code="settings_invalid", detail=repr(exc)[:200])
+        started = asyncio.get_running_loop().time()
+        try:
+            if attempt.reconcile:
+                if not adapter.can_query:
+                    return Outcome(
+                        "failed", code="outcome_unknown", detail="the provider cannot tell"
+                    )
+                return await adapter.query(settings, attempt.outgoing)
+            return await adapter.send(settings, attempt.outgoing)
+        except Exception as exc:  # an adapter bug must not lose the message
+            log.exception("provider call raised", extra={"provider": attempt.provider})
+            return Outcome("unknown" if not attempt.reconcile else "retry", detail=repr(exc)[:200])
+        finally:
+            CALL_SECONDS.labels(attempt.provider).observe(
+                asyncio.get_running_loop().time() - started
+            )
+
+    async def finish(self, attempt: Attempt, outcome: Outcome | None) -> None:
+        """Record what the call (or the status query: None = the provider never saw it)
+        says, if the attempt is still the message's current one."""
+        kind = "retry" if outcome is None else outcome.kind
+        CALLS.labels(attempt.provider, f"query_{kind}" if attempt.reconcile else kind).inc()
+        now = self.clock()
+        shop, message_id = attempt.shop_id, attempt.message_id
+        async with self.db.begin() as conn:
+            m = messages.c
+            query = select(messages).where(m.shop_id == shop, m.message_id == message_id)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = (await conn.execute(query)).first()
+            if row is None or row.status != "sending" or row.attempts != attempt.attempt:
+                return  # settled meanwhile (a reconciliation, another worker)
+            current = dict(row._mapping)
+            values: dict[str, Any] = {"updated_at": now}
+            status, reason = "sending", None
+            timers: list[Timer] = []
+            if kind == "sent":
+                assert outcome is not None
+                status = "sent"
+                values["provider_message_id"] = outcome.provider_message_id
+            elif kind == "failed":
+                assert outcome is not None
+                status, reason = "failed", _reason(outcome)
+                code, detail = outcome.code or "", outcome.detail or ""
+                # A mailbox refused at RCPT for good, or a recipient who opted out at the
+                # provider: no further message goes to that address.
+                bounced = code in HARD_BOUNCE and detail.startswith("RCPT")
+                if (bounced or code in OPTED_OUT) and row.recipient:
+                    reason = "bounce" if bounced else "opt_out"
+                    await suppress(conn, shop, row.channel, row.recipient, reason, now)
+            elif outcome is None and row.sending_since and now - row.sending_since < QUERY_GRACE:
+                # Not found yet: the record may lag; ask again before ever sending again.
+                await schedule(conn, [reconcile_timer(shop, message_id, now + RECONCILE_AFTER)])
+                return
+            elif kind == "unknown":
+                # The answer was lost: ask the provider soon, never call it blindly again.
+                await schedule(conn, [reconcile_timer(shop, message_id, now + UNKNOWN_RECHECK)])
+                return
+            else:  # retry: not sent
+                detail = "not_sent" if outcome is None else _reason(outcome)
+                if row.attempts < ATTEMPTS_PER_PROVIDER:
+                    status, reason = "deferred", f"retry: {detail}"[:300]
+                    timers.append(send_timer(shop, message_id, now + backoff(row.attempts)))
+                else:
+                    fallback = await self._fallback(conn, shop, row.channel, row.provider)
+                    if fallback is not None and not row.fallback_used:
+                        status, reason = "queued", f"failover from {row.provider}: {detail}"[:300]
+                        values.update(provider=fallback, fallback_used=True, attempts=0)
+                        timers.append(send_timer(shop, message_id, now))
+                    else:
+                        status, reason = "failed", f"gave_up: {detail}"[:300]
+            values.update(status=status, reason=reason, sending_since=None)
+            await conn.execute(
+                update(messages).where(m.shop_id == shop, m.message_id == message_id).values(values)
+            )
+            await cancel(conn, [timer_key(shop, "rec", message_id)])
+            await schedule(conn, timers)
+            current.update(values)
+            await record(
+                conn,
+                [Change(shop, message_id, status, reason, now, current)],
+                namespace=self.namespace,
+            )
+
+    async def _fallback(
+        self, conn: AsyncConnection, shop: str, channel: str, provider: str
+    ) -> str | None:
+        row = (
+            await conn.execute(
+                select(channels.c.provider, channels.c.fallback_provider).where(
+                    channels.c.shop_id == shop, channels.c.channel == channel
+                )
+            )
+        ).first()
+        if row is None or not row.fallback_provider or row.fallback_provider == provider:
+            return None
+        return str(row.fallback_provider)
+
+
+def _reason(outcome: Outcome) -> str:
+    parts = [p for p in (outcome.code, outcome.detail) if p]
+    return (": ".join(parts) or outcome.kind)[:300]
+
+
+async def suppress(
+    conn: AsyncConnection, shop: str, channel: str, address: str, reason: str, now: datetime
+) -> None:
+    """Add an address to the shop's suppression list (kept: the first reason stands)."""
+    await conn.execute(
+        insert_ignore(conn, suppressions),
+        {
+            "shop_id": shop,
+            "channel": channel,
+            "address": address,
+            "reason": reason,
+            "created_at": now,
+        },
+    )
+
+
+__all__ = ["RECONCILE_TIMER", "SEND_TIMER", "Sending", "suppress"]
