@@ -95,6 +95,19 @@ JOURNEY = {
     "trigger": {"event": "order.paid"},
     "steps": [{"id": "send", "send": {"channel": "sms", "template": "b-template"}}],
 }
+TEMPLATE = {
+    "name": "a-template",
+    "channel": "sms",
+    "locales": {"zh-CN": {"text": "taken over {{ order.id }}"}},
+}
+A_TEXT = "A 的提醒"
+"""Shop A's own template text: B's answers must never carry it."""
+
+
+def _not_as(body: Any) -> bool:
+    return A_TEXT not in str(body)
+
+
 A_EVENT = "event-for-a"
 """Placeholder body: a canonical order event of shop A (built in the test)."""
 
@@ -284,6 +297,64 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
             refused=frozenset({403}),
         )
     ],
+    # -- notifier: messages, channels, templates, consent, policy ----------------------
+    ("GET", "/v1/messages"): blind("/v1/messages", sees=lambda body: body["items"] == []),
+    ("GET", "/v1/messages/{message_id}"): naming_a("/v1/messages/{message}"),
+    ("GET", "/v1/channels/{channel}"): blind("/v1/channels/sms"),
+    ("PUT", "/v1/channels/{channel}"): [
+        Probe(
+            "/v1/channels/sms",
+            params={"shop_id": "{shop}"},
+            json={"provider": "outbox"},
+            refused=frozenset({403}),
+        )
+    ],
+    ("GET", "/v1/templates"): blind("/v1/templates", sees=lambda body: body["items"] == []),
+    ("POST", "/v1/templates"): [
+        Probe(
+            "/v1/templates", params={"shop_id": "{shop}"}, json=TEMPLATE, refused=frozenset({403})
+        )
+    ],
+    ("GET", "/v1/templates/{name}"): naming_a("/v1/templates/a-template"),
+    # B's own scope holds B's own templates of any name (A's stay as they were).
+    ("PUT", "/v1/templates/{name}"): [
+        Probe(
+            "/v1/templates/a-template",
+            params={"shop_id": "{shop}"},
+            json=TEMPLATE,
+            refused=frozenset({403}),
+        )
+    ],
+    ("POST", "/v1/templates/{name}/preview"): [
+        Probe("/v1/templates/a-template/preview", json={}, refused=None, sees=_not_as),
+        Probe(
+            "/v1/templates/a-template/preview",
+            params={"shop_id": "{shop}"},
+            json={},
+            refused=frozenset({403}),
+        ),
+    ],
+    ("GET", "/v1/consent/{customer_id}"): [
+        Probe("/v1/consent/{customer}", refused=None, sees=lambda body: body["sms"] is None),
+        Probe("/v1/consent/{customer}", params={"shop_id": "{shop}"}, refused=frozenset({403})),
+    ],
+    ("PUT", "/v1/consent/{customer_id}"): [
+        Probe(
+            "/v1/consent/{customer}",
+            params={"shop_id": "{shop}"},
+            json={"sms": False},
+            refused=frozenset({403}),
+        )
+    ],
+    ("GET", "/v1/notifier/policy"): blind("/v1/notifier/policy"),
+    ("PUT", "/v1/notifier/policy"): [
+        Probe(
+            "/v1/notifier/policy",
+            params={"shop_id": "{shop}"},
+            json={"quiet_hours": None},
+            refused=frozenset({403}),
+        )
+    ],
     # -- no shop data: nothing of A may show ------------------------------------------
     ("GET", "/healthz"): public("/healthz"),
     ("GET", "/readyz"): public("/readyz"),
@@ -411,6 +482,50 @@ async def _setup(platform: Platform) -> Shops:
     policy["levels"][0]["name"] = "A-GOLD"
     r = await platform.request("PUT", "/v1/policy", key=key_a, json=policy)
     assert r.status_code == 200, r.text
+    # A's notifier data: a template, consent, a policy, and a message of its own.
+    a_template = {**TEMPLATE, "locales": {"zh-CN": {"text": A_TEXT + " {{ order.id }}"}}}
+    for method, path, body, status in [
+        ("POST", "/v1/templates", a_template, 201),
+        ("PUT", f"/v1/consent/{customer}", {"sms": True}, 200),
+        ("PUT", "/v1/notifier/policy", {"quiet_hours": None}, 200),
+    ]:
+        r = await platform.request(method, path, key=key_a, json=body)
+        assert r.status_code == status, (path, r.text)
+    r = await platform.request(
+        "POST",
+        "/v1/journeys",
+        key=key_a,
+        json={
+            **JOURNEY,
+            "name": "a-sends",
+            "trigger": {"event": "order.created"},
+            "steps": [{"id": "send", "send": {"channel": "sms", "template": "a-template"}}],
+        },
+    )
+    assert r.status_code == 201, r.text
+    r = await platform.request("POST", f"/v1/journeys/{r.json()['journey_id']}/activate", key=key_a)
+    assert r.status_code == 200, r.text
+    order_data: dict[str, Any] = dict(event["data"])  # type: ignore[arg-type]
+    order_data.update(order_id=f"{a}-o2", status="created")
+    order_data.pop("paid_at")
+    created = {
+        **event,
+        "id": f"{a}-order-2",
+        "type": "order.created",
+        "time": datetime.now(UTC).isoformat(),
+        "data": order_data,
+    }
+    r = await platform.request("POST", "/v1/events", key=key_a, json=created)
+    assert r.status_code == 202, r.text
+    message: list[str] = []
+
+    async def message_sent() -> bool:
+        r = await platform.request("GET", "/v1/messages", key=key_a)
+        items = r.json()["items"] if r.status_code == 200 else []
+        message[:] = [i["message_id"] for i in items if i["status"] == "sent"]
+        return bool(message)
+
+    await until(message_sent)
     # B's own objects, for the probes that use B's scope with A's names.
     r = await platform.request("POST", "/v1/tags", key=key_b, json={"name": "b-own"})
     assert r.status_code == 201, r.text
@@ -431,6 +546,7 @@ async def _setup(platform: Platform) -> Shops:
         "note": note,
         "journey": journey,
         "promotion": promotion,
+        "message": message[0],
     }
     return Shops(a, b, {"a": key_a, "b": key_b}, ids, event, policy)
 
@@ -452,6 +568,11 @@ async def _snapshot(platform: Platform, shops: Shops) -> dict[str, Any]:
         ("journeys", "/v1/journeys", shops.keys["a"], {}),
         ("promotions", "/v1/promotions", shops.keys["a"], {}),
         ("journey_report", f"/v1/journeys/{shops.ids['journey']}/report", admin, a),
+        ("messages", "/v1/messages", shops.keys["a"], {}),
+        ("templates", "/v1/templates", admin, a),
+        ("consent", f"/v1/consent/{shops.ids['customer']}", shops.keys["a"], {}),
+        ("notifier_policy", "/v1/notifier/policy", admin, a),
+        ("sms_channel", "/v1/channels/sms", shops.keys["a"], {}),
     ]:
         r = await platform.request("GET", path, key=key, params=params)
         assert r.status_code == 200, (path, r.text)
