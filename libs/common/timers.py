@@ -255,7 +255,9 @@ def _observe_many(histogram: Any, values: list[float]) -> None:
     total.inc(sum(values))
 
 
-_COMMITTED = "huitou.after_commit"
+_COMMITTED: dict[int, list[Callable[[], Awaitable[None]]]] = {}
+"""after_commit jobs by the id of the connection whose round registered them (not in
+`conn.info`: reading that after a failed transaction may have to reconnect)."""
 
 
 def after_commit(conn: AsyncConnection, job: Callable[[], Awaitable[None]]) -> None:
@@ -264,11 +266,11 @@ def after_commit(conn: AsyncConnection, job: Callable[[], Awaitable[None]]) -> N
     outside system whose effect cannot be rolled back. The job should be quick (hand the
     work to a task of its own); a process that dies before it runs loses it, so the
     handler records in the transaction what a later timer must check."""
-    conn.info.setdefault(_COMMITTED, []).append(job)
+    _COMMITTED.setdefault(id(conn), []).append(job)
 
 
 async def run_committed(conn: AsyncConnection) -> None:
-    for job in conn.info.pop(_COMMITTED, []):
+    for job in _COMMITTED.pop(id(conn), []):
         try:
             await job()
         except Exception:
@@ -276,7 +278,7 @@ async def run_committed(conn: AsyncConnection) -> None:
 
 
 def _forget_committed(conn: AsyncConnection) -> None:
-    conn.info.pop(_COMMITTED, None)
+    _COMMITTED.pop(id(conn), None)
 
 
 class TimerWorker:
