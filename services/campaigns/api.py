@@ -8,6 +8,7 @@ makes a new version: new enrollments start on it (from then on, when active), ru
 ones finish on the version they started on.
 """
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -580,12 +581,15 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
                         locale: (dict(texts) if channel == "email" else {"text": texts["text"]})
                         for locale, texts in TEMPLATES[template].items()
                     }
-                    r = await client.post(
-                        f"{base}/v1/templates",
-                        params=params,
-                        headers=headers,
-                        json={"name": template, "channel": channel, "locales": locales},
-                    )
+                    body = {"name": template, "channel": channel, "locales": locales}
+                    for _ in range(25):
+                        r = await client.post(
+                            f"{base}/v1/templates", params=params, headers=headers, json=body
+                        )
+                        # A key issued a moment ago reaches each service within seconds.
+                        if r.status_code != 401:
+                            break
+                        await asyncio.sleep(0.2)
                     if r.status_code not in (201, 409):
                         raise Problem(
                             503, f"the notifier refused the template {template!r}: {r.text[:200]}"

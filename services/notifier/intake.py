@@ -28,7 +28,6 @@ from services.notifier import rules, templates
 from services.notifier.models import (
     channels,
     consents,
-    history,
     message_id_of,
     messages,
     policies,
@@ -239,6 +238,3 @@ def _decide(
         row["status"], row["reason"] = "deferred", "quiet_hours"
         return row, "quiet_hours", "deferred", until
     return row, None, "queued", now
-
-
-__all__ = ["SEND_TIMER", "accept", "history", "send_timer"]

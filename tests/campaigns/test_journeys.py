@@ -26,7 +26,8 @@ async def new_shop(platform: Platform) -> tuple[str, str]:
 
     async def campaigns_knows() -> bool:
         r = await platform.request("GET", "/v1/journeys", key=key)
-        return r.status_code == 200
+        n = await platform.request("GET", "/v1/messages", key=key)
+        return r.status_code == 200 and n.status_code == 200
 
     await until(campaigns_knows)
     return shop, key

@@ -139,6 +139,7 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         HUITOU_TOPIC_REPLICATION_FACTOR=str(s.topic_replication_factor),
         HUITOU_TOPIC_MIN_INSYNC_REPLICAS=str(s.topic_min_insync_replicas),
         HUITOU_KAFKA_IDEMPOTENCE=str(s.kafka_idempotence).lower(),
+        HUITOU_CONSUMER_SESSION_TIMEOUT_MS=str(s.consumer_session_timeout_ms),
         HUITOU_LOG_LEVEL="WARNING",
     )
     if s.database_url:
