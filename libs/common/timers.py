@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -269,16 +269,21 @@ def after_commit(conn: AsyncConnection, job: Callable[[], Awaitable[None]]) -> N
     _COMMITTED.setdefault(id(conn), []).append(job)
 
 
-async def run_committed(conn: AsyncConnection) -> None:
+@contextlib.asynccontextmanager
+async def _committing(conn: AsyncConnection) -> AsyncIterator[None]:
+    """A transaction on `conn` whose `after_commit` jobs run once it committed and are
+    dropped if it rolls back."""
+    try:
+        async with conn.begin():
+            yield
+    except BaseException:
+        _COMMITTED.pop(id(conn), None)
+        raise
     for job in _COMMITTED.pop(id(conn), []):
         try:
             await job()
         except Exception:
             log.exception("after-commit job failed")
-
-
-def _forget_committed(conn: AsyncConnection) -> None:
-    _COMMITTED.pop(id(conn), None)
 
 
 class TimerWorker:
@@ -479,13 +484,8 @@ class TimerWorker:
         self, conn: AsyncConnection, now: datetime, lane: list[str] | None
     ) -> tuple[int, datetime | None]:
         """One round in a transaction of its own, then its `after_commit` jobs."""
-        try:
-            async with conn.begin():
-                fired = await self._claim_and_fire(conn, now, lane)
-        except BaseException:
-            _forget_committed(conn)
-            raise
-        await run_committed(conn)
+        async with _committing(conn):
+            fired = await self._claim_and_fire(conn, now, lane)
         return fired
 
     async def _claim_and_fire(
@@ -581,14 +581,8 @@ class TimerWorker:
             )
         for key in keys:
             try:
-                async with self.db.engine.connect() as conn:
-                    try:
-                        async with conn.begin():
-                            await self._fire(conn, await self._claim(conn, now, 1, key), now)
-                    except BaseException:
-                        _forget_committed(conn)
-                        raise
-                    await run_committed(conn)
+                async with self.db.engine.connect() as conn, _committing(conn):
+                    await self._fire(conn, await self._claim(conn, now, 1, key), now)
             except Exception as exc:
                 if is_transient_error(exc):
                     # Not the timer's fault: it stays due, uncounted, for the next round.

@@ -570,10 +570,8 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
         }
         if not wanted:
             return
-        settings = ctx.settings
-        base = settings.notifier_url or f"http://127.0.0.1:{settings.port}"
-        params = {"shop_id": admin_shop} if admin_shop else {}
-        headers = {"Authorization": request.headers.get("authorization", "")}
+        base = ctx.settings.notifier_url or f"http://127.0.0.1:{ctx.settings.port}"
+        params, headers = _as_caller(request, admin_shop)
         try:
             async with httpx.AsyncClient(timeout=10) as client:
                 for template, channel in sorted(wanted):
@@ -609,10 +607,8 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
     async def _repurchase_cycle(request: Request, admin_shop: str | None) -> dict[str, Any]:
         """The shop's repurchase-cycle percentiles from lifecycle's overview, read with the
         caller's own key (so it sees exactly what the caller may see)."""
-        settings = ctx.settings
-        base = settings.lifecycle_url or f"http://127.0.0.1:{settings.port}"
-        params = {"shop_id": admin_shop} if admin_shop else {}
-        headers = {"Authorization": request.headers.get("authorization", "")}
+        base = ctx.settings.lifecycle_url or f"http://127.0.0.1:{ctx.settings.port}"
+        params, headers = _as_caller(request, admin_shop)
         try:
             async with httpx.AsyncClient(timeout=10) as client:
                 r = await client.get(f"{base}/v1/overview", params=params, headers=headers)
@@ -624,6 +620,13 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
         return {name.removeprefix("p"): days for name, days in cycle.items()}
 
     return router
+
+
+def _as_caller(request: Request, admin_shop: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Query parameters and headers for a call to another service made with the caller's
+    own key (an admin names the shop), so it sees exactly what the caller may see."""
+    params = {"shop_id": admin_shop} if admin_shop else {}
+    return params, {"Authorization": request.headers.get("authorization", "")}
 
 
 async def _version_text(conn: AsyncConnection, shop: str, journey_id: str, version: int) -> str:

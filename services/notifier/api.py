@@ -2,13 +2,13 @@
 (credentials write-only), templates with validation and preview, consent and the shop's
 policy. Shop key, or the admin key naming the shop with `?shop_id=`."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,6 +17,7 @@ from libs.common.db.dialect import upsert
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
 from services.notifier import rules, templates
+from services.notifier.config import OUTBOX, load_channels, load_policies
 from services.notifier.models import channels, consents, history, messages, policies
 from services.notifier.models import templates as template_rows
 from services.notifier.providers.base import Adapter
@@ -271,18 +272,8 @@ def build_router(
         """The channel's provider and settings, credentials left out."""
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(channels).where(
-                        channels.c.shop_id == shop, channels.c.channel == channel
-                    )
-                )
-            ).first()
-        if row is None:
-            return _channel_out(channel, "outbox", None, {})
-        return _channel_out(
-            channel, row.provider, row.fallback_provider, orjson.loads(row.settings)
-        )
+            found = (await load_channels(conn, [shop])).get((shop, channel), OUTBOX)
+        return _channel_out(channel, found.provider, found.fallback_provider, found.settings)
 
     @router.get("/v1/consent/{customer_id}", response_model=ConsentOut)
     async def get_consent(
@@ -291,16 +282,7 @@ def build_router(
         """The customer's consent per channel (null: never asked)."""
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(consents).where(
-                        consents.c.shop_id == shop, consents.c.customer_id == customer_id
-                    )
-                )
-            ).first()
-        if row is None:
-            return ConsentOut(customer_id=customer_id)
-        return ConsentOut(customer_id=customer_id, sms=row.sms, email=row.email)
+            return ConsentOut(customer_id=customer_id, **await _consent(conn, shop, customer_id))
 
     @router.put("/v1/consent/{customer_id}", response_model=ConsentOut)
     async def put_consent(
@@ -310,17 +292,7 @@ def build_router(
         shop = principal.shop(shop_id)
         given = body.model_dump(exclude_unset=True)
         async with ctx.db.begin() as conn:
-            row = (
-                await conn.execute(
-                    select(consents).where(
-                        consents.c.shop_id == shop, consents.c.customer_id == customer_id
-                    )
-                )
-            ).first()
-            now_values = {
-                "sms": row.sms if row is not None else None,
-                "email": row.email if row is not None else None,
-            }
+            now_values = await _consent(conn, shop, customer_id)
             now_values.update(given)
             await conn.execute(
                 upsert(conn, consents, ["shop_id", "customer_id"], ["sms", "email", "updated_at"]),
@@ -333,10 +305,7 @@ def build_router(
         """Quiet hours, consent for transactional messages, rate limits per provider."""
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
-            text = (
-                await conn.execute(select(policies.c.definition).where(policies.c.shop_id == shop))
-            ).scalar()
-        return rules.Policy() if text is None else rules.Policy.model_validate_json(text)
+            return (await load_policies(conn, [shop]))[shop]
 
     @router.put("/v1/notifier/policy", response_model=rules.Policy)
     async def put_policy(
@@ -469,8 +438,6 @@ def build_router(
 
 def _reveal(value: Any) -> Any:
     """Settings as stored: secrets as their plain values (pydantic masks them)."""
-    from pydantic import SecretStr
-
     if isinstance(value, SecretStr):
         return value.get_secret_value()
     if isinstance(value, dict):
@@ -480,8 +447,20 @@ def _reveal(value: Any) -> Any:
     return value
 
 
+async def _consent(conn: AsyncConnection, shop: str, customer_id: str) -> dict[str, bool | None]:
+    """The customer's stored consent per channel (None: never asked)."""
+    row = (
+        await conn.execute(
+            select(consents.c.sms, consents.c.email).where(
+                consents.c.shop_id == shop, consents.c.customer_id == customer_id
+            )
+        )
+    ).first()
+    return {"sms": None, "email": None} if row is None else {"sms": row.sms, "email": row.email}
+
+
 def _channel_out(
-    channel: str, provider: str, fallback: str | None, settings: dict[str, Any]
+    channel: str, provider: str, fallback: str | None, settings: Mapping[str, Any]
 ) -> ChannelOut:
     return ChannelOut(
         channel=channel,

@@ -25,29 +25,12 @@ from libs.common.db.tables import shops
 from libs.common.events import Envelope, NotificationRequestedData
 from libs.common.timers import Timer, schedule, timer_key
 from services.notifier import rules, templates
-from services.notifier.models import (
-    channels,
-    consents,
-    message_id_of,
-    messages,
-    policies,
-    suppressions,
-)
+from services.notifier.config import OUTBOX, Channel, load_channels, load_policies
+from services.notifier.models import consents, message_id_of, messages, suppressions
 from services.notifier.models import templates as template_rows
 from services.notifier.statuses import Change, record
 
 SEND_TIMER = "notify.send"
-
-
-@dataclass
-class Channel:
-    provider: str
-    settings: dict[str, Any]
-    fallback_provider: str | None = None
-    fallback_settings: dict[str, Any] | None = None
-
-
-OUTBOX = Channel("outbox", {})
 
 
 @dataclass
@@ -60,9 +43,6 @@ class Context:
     templates: dict[tuple[str, str], templates.Template]
     consents: dict[tuple[str, str], dict[str, bool | None]]
     suppressed: dict[tuple[str, str, str], str]
-
-    def policy(self, shop: str) -> rules.Policy:
-        return self.policies.get(shop) or rules.Policy()
 
     def channel(self, shop: str, channel: str) -> Channel:
         return self.channels.get((shop, channel), OUTBOX)
@@ -81,24 +61,8 @@ async def load_context(
         select(shops.c.shop_id, shops.c.timezone).where(shops.c.shop_id.in_(shop_ids))
     ):
         zones[shop] = ZoneInfo(zone) if zone else ZoneInfo("UTC")
-    found_policies = {
-        shop: rules.Policy.model_validate_json(text)
-        for shop, text in await conn.execute(
-            select(policies.c.shop_id, policies.c.definition).where(
-                policies.c.shop_id.in_(shop_ids)
-            )
-        )
-    }
-    c = channels.c
-    found_channels = {
-        (r.shop_id, r.channel): Channel(
-            r.provider,
-            orjson.loads(r.settings),
-            r.fallback_provider,
-            orjson.loads(r.fallback_settings) if r.fallback_settings else None,
-        )
-        for r in await conn.execute(select(channels).where(c.shop_id.in_(shop_ids)))
-    }
+    found_policies = await load_policies(conn, shop_ids)
+    found_channels = await load_channels(conn, shop_ids)
     names = {(shop, d.template) for shop, d in wanted}
     found_templates = {}
     for where in by_shop(template_rows, "name", names):
@@ -173,7 +137,7 @@ def _decide(
         "marketing" if extra.get("category") == "marketing" else "transactional"
     )
     channel = context.channel(shop, data.channel)
-    policy = context.policy(shop)
+    policy = context.policies[shop]
     row: dict[str, Any] = {
         "shop_id": shop,
         "message_id": message_id,

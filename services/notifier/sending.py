@@ -41,8 +41,9 @@ from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.db.keysets import by_shop
 from libs.common.timers import Timer, after_commit, cancel, schedule, timer_key
 from services.notifier import rules
+from services.notifier.config import OUTBOX, Channel, load_channels, load_policies
 from services.notifier.intake import SEND_TIMER, send_timer
-from services.notifier.models import channels, messages, policies, rate_buckets, suppressions
+from services.notifier.models import messages, rate_buckets, suppressions
 from services.notifier.providers.base import Adapter, Outcome, Outgoing, ProviderTemplate
 from services.notifier.statuses import Change, record
 
@@ -113,33 +114,6 @@ def _outgoing(row: Any, sent_at: datetime) -> Outgoing:
     )
 
 
-async def _channel_settings(
-    conn: AsyncConnection, keys: set[tuple[str, str]]
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """(shop, provider) → settings, from each shop's channels (primary and fallback)."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    shops = sorted({shop for shop, _ in keys})
-    if not shops:
-        return out
-    for row in await conn.execute(select(channels).where(channels.c.shop_id.in_(shops))):
-        out[(row.shop_id, row.provider)] = orjson.loads(row.settings)
-        if row.fallback_provider and row.fallback_settings:
-            out[(row.shop_id, row.fallback_provider)] = orjson.loads(row.fallback_settings)
-    return out
-
-
-async def _policies(conn: AsyncConnection, shops: set[str]) -> dict[str, rules.Policy]:
-    found = {
-        shop: rules.Policy.model_validate_json(text)
-        for shop, text in await conn.execute(
-            select(policies.c.shop_id, policies.c.definition).where(
-                policies.c.shop_id.in_(sorted(shops))
-            )
-        )
-    }
-    return {shop: found.get(shop) or rules.Policy() for shop in shops}
-
-
 async def _take(
     conn: AsyncConnection, shop: str, provider: str, rate: rules.RateLimit, wanted: int
 ) -> tuple[int, float]:
@@ -196,8 +170,8 @@ class Sending:
         if not rows:
             return
         shops = {r.shop_id for r in rows}
-        policy = await _policies(conn, shops)
-        settings = await _channel_settings(conn, {(r.shop_id, r.provider) for r in rows})
+        policy = await load_policies(conn, shops)
+        configured = await load_channels(conn, shops)
         by_bucket: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
             by_bucket.setdefault((row.shop_id, row.provider), []).append(row)
@@ -213,13 +187,19 @@ class Sending:
             )
             for row in group[granted:]:
                 later.append(send_timer(shop, row.message_id, now + timedelta(seconds=wait)))
-            for row in group[:granted]:
-                attempt = row.attempts + 1
-                await conn.execute(
-                    update(messages)
-                    .where(messages.c.shop_id == shop, messages.c.message_id == row.message_id)
-                    .values(status="sending", attempts=attempt, sending_since=now, updated_at=now)
+            going = group[:granted]
+            if not going:
+                continue
+            m = messages.c
+            # One statement per bucket: every granted attempt recorded before any call.
+            await conn.execute(
+                update(messages)
+                .where(m.shop_id == shop, m.message_id.in_([r.message_id for r in going]))
+                .values(
+                    status="sending", attempts=m.attempts + 1, sending_since=now, updated_at=now
                 )
+            )
+            for row in going:
                 later.append(reconcile_timer(shop, row.message_id, now + RECONCILE_AFTER))
                 changes.append(
                     Change(shop, row.message_id, "sending", None, now, dict(row._mapping))
@@ -228,9 +208,9 @@ class Sending:
                     Attempt(
                         shop,
                         row.message_id,
-                        attempt,
+                        row.attempts + 1,
                         provider,
-                        settings.get((shop, provider), {}),
+                        _channel_of(configured, row).settings_of(provider),
                         _outgoing(row, now),
                     )
                 )
@@ -244,7 +224,7 @@ class Sending:
         rows = await self._rows(conn, fired, ("sending",))
         if not rows:
             return
-        settings = await _channel_settings(conn, {(r.shop_id, r.provider) for r in rows})
+        configured = await load_channels(conn, {r.shop_id for r in rows})
         # The safety net stays: if this process dies before asking, the next one asks.
         await schedule(
             conn, [reconcile_timer(r.shop_id, r.message_id, now + RECONCILE_AFTER) for r in rows]
@@ -255,7 +235,7 @@ class Sending:
                 r.message_id,
                 r.attempts,
                 r.provider,
-                settings.get((r.shop_id, r.provider), {}),
+                _channel_of(configured, r).settings_of(r.provider),
                 _outgoing(r, r.sending_since or now),
                 reconcile=True,
             )
@@ -366,8 +346,9 @@ class Sending:
                     status, reason = "deferred", f"retry: {detail}"[:300]
                     timers.append(send_timer(shop, message_id, now + backoff(row.attempts)))
                 else:
-                    fallback = await self._fallback(conn, shop, row.channel, row.provider)
-                    if fallback is not None and not row.fallback_used:
+                    channel = (await load_channels(conn, [shop])).get((shop, row.channel), OUTBOX)
+                    fallback = channel.fallback_provider
+                    if fallback and fallback != row.provider and not row.fallback_used:
                         status, reason = "queued", f"failover from {row.provider}: {detail}"[:300]
                         values.update(provider=fallback, fallback_used=True, attempts=0)
                         timers.append(send_timer(shop, message_id, now))
@@ -386,19 +367,9 @@ class Sending:
                 namespace=self.namespace,
             )
 
-    async def _fallback(
-        self, conn: AsyncConnection, shop: str, channel: str, provider: str
-    ) -> str | None:
-        row = (
-            await conn.execute(
-                select(channels.c.provider, channels.c.fallback_provider).where(
-                    channels.c.shop_id == shop, channels.c.channel == channel
-                )
-            )
-        ).first()
-        if row is None or not row.fallback_provider or row.fallback_provider == provider:
-            return None
-        return str(row.fallback_provider)
+
+def _channel_of(configured: Mapping[tuple[str, str], Channel], row: Any) -> Channel:
+    return configured.get((row.shop_id, row.channel), OUTBOX)
 
 
 def _reason(outcome: Outcome) -> str:
