@@ -52,7 +52,8 @@ class MessageOut(BaseModel):
     provider_message_id: str | None
     created_at: datetime
     updated_at: datetime
-    status_history: list[HistoryOut] = []
+    status_history: list[HistoryOut] | None = None
+    """Every status change, oldest first: given by `GET /v1/messages/{id}` (null in lists)."""
 
 
 class MessagePage(BaseModel):
@@ -118,7 +119,7 @@ def _message(row: Any, steps: list[HistoryOut] | None = None) -> MessageOut:
         provider_message_id=row.provider_message_id,
         created_at=row.created_at,
         updated_at=row.updated_at,
-        status_history=steps or [],
+        status_history=steps,
     )
 
 
