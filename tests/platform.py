@@ -40,6 +40,8 @@ ROUTES = {
         "/v1/templates",
         "/v1/consent",
         "/v1/notifier",
+        "/v1/callbacks",
+        "/v1/unsubscribe",
     ),
 }
 

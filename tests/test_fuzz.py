@@ -64,6 +64,8 @@ REFUSALS = (400, 401, 403, 404, 405, 406, 409, 413, 415, 422)
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """Requests that may change something: only these are fingerprinted before and after."""
 DELIVERIES = ("/v1/events", "/v1/webhooks/", "/v1/logistics/")
+KEYLESS = (*DELIVERIES, "/v1/callbacks/", "/v1/unsubscribe/")
+"""Routes that senders, providers and recipients call with no key of ours."""
 STATE_ENV = "HUITOU_FUZZ_STATE"
 """Set for the Schemathesis process: the JSON file describing the target."""
 REPO = Path(__file__).resolve().parent.parent
@@ -337,7 +339,7 @@ def test_the_document_describes_every_answer(tmp_path: Path) -> None:
                     assert content and all(m.get("schema") for m in content.values()), label
                 if status[0] in "45":
                     assert list(content) == ["application/problem+json"], (label, status)
-            if path.startswith("/v1/") and not path.startswith(DELIVERIES):
+            if path.startswith("/v1/") and not path.startswith(KEYLESS):
                 assert operation["security"] == [{"bearerKey": []}], label
                 assert {"401", "403"} <= set(operation["responses"]), label
 
@@ -397,6 +399,11 @@ class Fingerprint:
             reads[shop, "policy"] = ("/v1/policy", params)
             reads[shop, "profile"] = (f"/v1/customers/{customer}", params)
             reads[shop, "timeline"] = (f"/v1/customers/{customer}/timeline", params)
+            reads[shop, "templates"] = ("/v1/templates", params)
+            reads[shop, "notifier_policy"] = ("/v1/notifier/policy", params)
+            reads[shop, "sms"] = ("/v1/channels/sms", params)
+            reads[shop, "email"] = ("/v1/channels/email", params)
+            reads[shop, "consent"] = (f"/v1/consent/{customer}", params)
         values = self.pool.map(lambda read: self._get(*read), reads.values())
         got = dict(zip(reads, values, strict=True))
         found: dict[str, Any] = {"shops": got["", "shops"]}
@@ -413,6 +420,10 @@ class Fingerprint:
                 "notes": [e for e in timeline if e["kind"] == "note"]
                 if isinstance(timeline, list)
                 else timeline,
+                **{
+                    k: got[shop, k]
+                    for k in ("templates", "notifier_policy", "sms", "email", "consent")
+                },
             }
         return found
 

@@ -69,6 +69,9 @@ class Probe:
     """For a 2xx: a further test of the JSON body (e.g. B's overview counts nothing)."""
 
 
+NOT_FOUND = frozenset({404})
+
+
 def naming_a(path: str, **kw: Any) -> list[Probe]:
     """The same route twice: as B's own (A's ids unknown there) and naming A's shop."""
     return [
@@ -99,6 +102,18 @@ TEMPLATE = {
     "name": "a-template",
     "channel": "sms",
     "locales": {"zh-CN": {"text": "taken over {{ order.id }}"}},
+}
+A_CHANNEL = {
+    "provider": "outbox",
+    "fallback": {
+        "provider": "aliyun",
+        "settings": {
+            "access_key_id": "LTAI-a",
+            "access_key_secret": "a-secret",
+            "sign_name": "惠投",
+            "endpoint": "http://127.0.0.1:9",
+        },
+    },
 }
 A_TEXT = "A 的提醒"
 """Shop A's own template text: B's answers must never carry it."""
@@ -355,6 +370,25 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
             refused=frozenset({403}),
         )
     ],
+    # -- providers and recipients (no key): a forged call reaches nothing of A ----------
+    ("POST", "/v1/callbacks/{provider}/{shop_id}"): [
+        Probe(
+            f"/v1/callbacks/{provider}/{{shop}}",
+            params=params,
+            key=key,
+            json=[{"phone_number": "13700137000", "content": "退订", "send_time": "x"}],
+            refused=frozenset({401}),
+        )
+        for provider in ("aliyun", "tencent", "twilio")
+        for key in ("none", "b")
+        for params in ({}, {"token": "0" * 32})
+    ],
+    ("GET", "/v1/unsubscribe/{token}"): [
+        Probe(f"/v1/unsubscribe/{{shop}}.{'0' * 32}.{'0' * 32}", key="none", refused=NOT_FOUND)
+    ],
+    ("POST", "/v1/unsubscribe/{token}"): [
+        Probe(f"/v1/unsubscribe/{{shop}}.{'0' * 32}.{'0' * 32}", key="none", refused=NOT_FOUND)
+    ],
     # -- no shop data: nothing of A may show ------------------------------------------
     ("GET", "/healthz"): public("/healthz"),
     ("GET", "/readyz"): public("/readyz"),
@@ -488,6 +522,9 @@ async def _setup(platform: Platform) -> Shops:
         ("POST", "/v1/templates", a_template, 201),
         ("PUT", f"/v1/consent/{customer}", {"sms": True}, 200),
         ("PUT", "/v1/notifier/policy", {"quiet_hours": None}, 200),
+        # An Aliyun fallback that never sends (the outbox never fails) and so takes
+        # callbacks: B's forged receipts and replies must meet its token check.
+        ("PUT", "/v1/channels/sms", A_CHANNEL, 200),
     ]:
         r = await platform.request(method, path, key=key_a, json=body)
         assert r.status_code == status, (path, r.text)

@@ -141,3 +141,18 @@ def allowed_methods(routes: Iterable[Any], path: str) -> list[str]:
         if regex is not None and methods and regex.match(path):
             found |= set(methods)
     return sorted(found)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes with 413 before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, f"body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     """How long ingest remembers published event ids (senders' retry horizon: Shopify
     retries for 48 hours)."""
     bus_publish_timeout_s: float = Field(default=10, gt=0)
+    """How long a publish waits for the bus (Kafka, or the embedded bus's `bus.db`) before
+    it raises `BusUnavailable` and ingest answers 503."""
     lifecycle_url: str | None = None
     """Base URL of the lifecycle service, for the reads campaigns makes on an operator's
     behalf (a shop's repurchase cycle for a playbook); default: this process
@@ -79,8 +81,15 @@ class Settings(BaseSettings):
     journey_watermark_max_hold_s: float = Field(default=60, ge=0)
     """How long past its due time a wait that an event could cancel may be held while
     campaigns has not consumed every partition up to that time (then it fires anyway)."""
-    """How long a publish waits for the bus (Kafka, or the embedded bus's `bus.db`) before
-    it raises `BusUnavailable` and ingest answers 503."""
+    public_url: str | None = None
+    """Base URL at which recipients and providers reach the platform's public routes
+    (`/v1/unsubscribe/...` links in messages, `/v1/callbacks/...` for providers'
+    receipts and replies), e.g. `https://crm.example.com`; default: this process
+    (`http://127.0.0.1:<port>`, right only on one machine)."""
+    notifier_reconcile_after_s: float = Field(default=60, gt=0)
+    """How long a provider call may stay unanswered before the notifier asks the provider
+    whether it has the message (the safety net for a call whose answer was lost, or a
+    process that died between the provider's answer and its record)."""
 
     log_level: str = "INFO"
 

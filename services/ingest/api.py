@@ -17,7 +17,7 @@ from libs.common.openapi import (
     platform_body,
     problem_responses,
 )
-from libs.common.problems import Problem, field_errors
+from libs.common.problems import Problem, field_errors, read_body
 from libs.common.service import ServiceContext
 from services.ingest import deliveries, handlers, signing
 from services.ingest.outcomes import measured
@@ -33,21 +33,6 @@ from services.ingest.schemas import (
 )
 
 MAX_BATCH = 1000
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than `limit` bytes with 413 before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, f"body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json(body: bytes) -> Any:

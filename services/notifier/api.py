@@ -16,9 +16,9 @@ from libs.common.auth import Principal
 from libs.common.db.dialect import upsert
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
-from services.notifier import rules, templates
+from services.notifier import consent, links, rules, templates
 from services.notifier.config import OUTBOX, load_channels, load_policies
-from services.notifier.models import channels, consents, history, messages, policies
+from services.notifier.models import channels, history, messages, policies
 from services.notifier.models import templates as template_rows
 from services.notifier.providers.base import Adapter
 
@@ -77,6 +77,9 @@ class ChannelOut(BaseModel):
     fallback_provider: str | None
     settings: dict[str, Any]
     """The settings without their credentials."""
+    callback_urls: dict[str, str] = {}
+    """Per provider of the channel that pushes receipts and replies: the URL to enter in
+    its console (Aliyun, Tencent: with the shop's token; Twilio is given it per message)."""
 
 
 class ConsentIn(BaseModel):
@@ -89,6 +92,8 @@ class ConsentOut(ConsentIn):
     customer_id: str
 
 
+CALLBACK_PROVIDERS = frozenset({"aliyun", "tencent", "twilio"})
+"""Providers that push delivery receipts and replies to `/v1/callbacks/...`."""
 SECRET_FIELDS = {"password", "access_key_secret", "secret_key", "auth_token"}
 PROVIDER_CHANNELS = {
     "outbox": {"sms", "email"},
@@ -246,6 +251,7 @@ def build_router(
             "fallback_settings": orjson.dumps(fallback).decode() if fallback else None,
             "updated_at": clock(),
         }
+        fallback_provider = body.fallback.provider if body.fallback else None
         async with ctx.db.begin() as conn:
             await conn.execute(
                 upsert(
@@ -262,9 +268,8 @@ def build_router(
                 ),
                 row,
             )
-        return _channel_out(
-            channel, body.provider, body.fallback.provider if body.fallback else None, settings
-        )
+            urls = await _callback_urls(conn, shop, [body.provider, fallback_provider])
+        return _channel_out(channel, body.provider, fallback_provider, settings, urls)
 
     @router.get("/v1/channels/{channel}", response_model=ChannelOut)
     async def get_channel(
@@ -272,9 +277,20 @@ def build_router(
     ) -> ChannelOut:
         """The channel's provider and settings, credentials left out."""
         shop = principal.shop(shop_id)
-        async with ctx.db.connect() as conn:
+        async with ctx.db.begin() as conn:
             found = (await load_channels(conn, [shop])).get((shop, channel), OUTBOX)
-        return _channel_out(channel, found.provider, found.fallback_provider, found.settings)
+            urls = await _callback_urls(conn, shop, [found.provider, found.fallback_provider])
+        return _channel_out(channel, found.provider, found.fallback_provider, found.settings, urls)
+
+    async def _callback_urls(
+        conn: AsyncConnection, shop: str, providers: list[str | None]
+    ) -> dict[str, str]:
+        pushing = [p for p in providers if p in CALLBACK_PROVIDERS]
+        if not pushing:
+            return {}
+        secret = (await links.shop_secrets(conn, [shop], now=clock()))[shop]
+        base = links.public_base(ctx.settings)
+        return {p: links.callback_url(base, secret, shop, p) for p in pushing}
 
     @router.get("/v1/consent/{customer_id}", response_model=ConsentOut)
     async def get_consent(
@@ -283,7 +299,9 @@ def build_router(
         """The customer's consent per channel (null: never asked)."""
         shop = principal.shop(shop_id)
         async with ctx.db.connect() as conn:
-            return ConsentOut(customer_id=customer_id, **await _consent(conn, shop, customer_id))
+            return ConsentOut(
+                customer_id=customer_id, **await consent.read(conn, shop, customer_id)
+            )
 
     @router.put("/v1/consent/{customer_id}", response_model=ConsentOut)
     async def put_consent(
@@ -293,13 +311,8 @@ def build_router(
         shop = principal.shop(shop_id)
         given = body.model_dump(exclude_unset=True)
         async with ctx.db.begin() as conn:
-            now_values = await _consent(conn, shop, customer_id)
-            now_values.update(given)
-            await conn.execute(
-                upsert(conn, consents, ["shop_id", "customer_id"], ["sms", "email", "updated_at"]),
-                {"shop_id": shop, "customer_id": customer_id, **now_values, "updated_at": clock()},
-            )
-        return ConsentOut(customer_id=customer_id, **now_values)
+            stored = await consent.write(conn, shop, customer_id, given, clock())
+        return ConsentOut(customer_id=customer_id, **stored)
 
     @router.get("/v1/notifier/policy", response_model=rules.Policy)
     async def get_policy(principal: Auth, shop_id: ShopParam = None) -> rules.Policy:
@@ -448,24 +461,17 @@ def _reveal(value: Any) -> Any:
     return value
 
 
-async def _consent(conn: AsyncConnection, shop: str, customer_id: str) -> dict[str, bool | None]:
-    """The customer's stored consent per channel (None: never asked)."""
-    row = (
-        await conn.execute(
-            select(consents.c.sms, consents.c.email).where(
-                consents.c.shop_id == shop, consents.c.customer_id == customer_id
-            )
-        )
-    ).first()
-    return {"sms": None, "email": None} if row is None else {"sms": row.sms, "email": row.email}
-
-
 def _channel_out(
-    channel: str, provider: str, fallback: str | None, settings: Mapping[str, Any]
+    channel: str,
+    provider: str,
+    fallback: str | None,
+    settings: Mapping[str, Any],
+    callback_urls: dict[str, str],
 ) -> ChannelOut:
     return ChannelOut(
         channel=channel,
         provider=provider,
         fallback_provider=fallback,
         settings={k: v for k, v in settings.items() if k not in SECRET_FIELDS},
+        callback_urls=callback_urls,
     )

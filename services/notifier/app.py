@@ -1,19 +1,21 @@
 """The notifier service: `notification.requested` events become messages (`intake`), sent
 once each through the shop's provider on the durable timers (`sending`), with consent,
 suppressions, quiet hours and rate limits applied (`rules`) and every status change
-recorded and emitted (`statuses`). Routes in `api`."""
+recorded and emitted (`statuses`), receipts and replies applied (`receipts`). Routes in
+`api` (with a key) and `public` (providers' callbacks, unsubscribe links)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
-from services.notifier import migrations
+from services.notifier import links, migrations
 from services.notifier.api import build_router
 from services.notifier.intake import SEND_TIMER, accept
+from services.notifier.public import build_public_router
 from services.notifier.registry import adapters
 from services.notifier.sending import RECONCILE_TIMER, Sending
 
@@ -36,13 +38,24 @@ class _Stop:
 def build(ctx: ServiceContext) -> ServiceParts:
     namespace = ctx.settings.topic_namespace
     found = adapters()
-    sending = Sending(ctx.db, found, namespace=namespace)
+    public_base = links.public_base(ctx.settings)
+    sending = Sending(
+        ctx.db,
+        found,
+        namespace=namespace,
+        public_base=public_base,
+        reconcile_after=timedelta(seconds=ctx.settings.notifier_reconcile_after_s),
+    )
 
     async def requested(conn: AsyncConnection, events: list[Envelope]) -> None:
-        await accept(conn, events, namespace=namespace, now=datetime.now(UTC))
+        await accept(
+            conn, events, namespace=namespace, now=datetime.now(UTC), public_base=public_base
+        )
 
+    router = build_router(ctx, found, clock=lambda: datetime.now(UTC))
+    router.include_router(build_public_router(ctx, found, clock=lambda: datetime.now(UTC)))
     return ServiceParts(
-        router=build_router(ctx, found, clock=lambda: datetime.now(UTC)),
+        router=router,
         subscriptions=[
             Subscription(
                 GROUP,

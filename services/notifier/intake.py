@@ -24,7 +24,7 @@ from libs.common.db.keysets import by_shop
 from libs.common.db.tables import shops
 from libs.common.events import Envelope, NotificationRequestedData
 from libs.common.timers import Timer, schedule, timer_key
-from services.notifier import rules, templates
+from services.notifier import links, rules, templates
 from services.notifier.config import OUTBOX, Channel, load_channels, load_policies
 from services.notifier.models import consents, message_id_of, messages, suppressions
 from services.notifier.models import templates as template_rows
@@ -38,11 +38,16 @@ class Context:
     """What a batch of requests is checked against, read with one statement per table."""
 
     zones: dict[str, ZoneInfo]
+    names: dict[str, str]
+    """Shop names, for a request that does not give `shop.name` itself."""
     policies: dict[str, rules.Policy]
     channels: dict[tuple[str, str], Channel]
     templates: dict[tuple[str, str], templates.Template]
     consents: dict[tuple[str, str], dict[str, bool | None]]
     suppressed: dict[tuple[str, str, str], str]
+    secrets: dict[str, str]
+    """Link-signing secrets of the shops with marketing requests in the batch."""
+    public_base: str
 
     def channel(self, shop: str, channel: str) -> Channel:
         return self.channels.get((shop, channel), OUTBOX)
@@ -53,14 +58,20 @@ def send_timer(shop: str, message_id: str, due: datetime) -> Timer:
 
 
 async def load_context(
-    conn: AsyncConnection, wanted: list[tuple[str, NotificationRequestedData]]
+    conn: AsyncConnection,
+    wanted: list[tuple[str, NotificationRequestedData]],
+    *,
+    public_base: str,
+    now: datetime,
 ) -> Context:
     shop_ids = sorted({shop for shop, _ in wanted})
     zones: dict[str, ZoneInfo] = {}
-    for shop, zone in await conn.execute(
-        select(shops.c.shop_id, shops.c.timezone).where(shops.c.shop_id.in_(shop_ids))
+    shop_names: dict[str, str] = {}
+    for shop, zone, name in await conn.execute(
+        select(shops.c.shop_id, shops.c.timezone, shops.c.name).where(shops.c.shop_id.in_(shop_ids))
     ):
         zones[shop] = ZoneInfo(zone) if zone else ZoneInfo("UTC")
+        shop_names[shop] = name
     found_policies = await load_policies(conn, shop_ids)
     found_channels = await load_channels(conn, shop_ids)
     names = {(shop, d.template) for shop, d in wanted}
@@ -82,13 +93,33 @@ async def load_context(
     for where in by_shop(suppressions, "address", addresses):
         for row in await conn.execute(select(suppressions).where(where)):
             found_suppressed[(row.shop_id, row.channel, row.address)] = row.reason
+    marketing = {shop for shop, d in wanted if _category(d) == "marketing"}
     return Context(
-        zones, found_policies, found_channels, found_templates, found_consents, found_suppressed
+        zones,
+        shop_names,
+        found_policies,
+        found_channels,
+        found_templates,
+        found_consents,
+        found_suppressed,
+        await links.shop_secrets(conn, marketing, now=now),
+        public_base,
+    )
+
+
+def _category(data: NotificationRequestedData) -> rules.Category:
+    return (
+        "marketing" if (data.model_extra or {}).get("category") == "marketing" else "transactional"
     )
 
 
 async def accept(
-    conn: AsyncConnection, events: list[Envelope], *, namespace: str, now: datetime
+    conn: AsyncConnection,
+    events: list[Envelope],
+    *,
+    namespace: str,
+    now: datetime,
+    public_base: str,
 ) -> None:
     """Turn a batch of requests into messages (see the module docstring)."""
     wanted: dict[tuple[str, str], tuple[Envelope, NotificationRequestedData]] = {}
@@ -108,7 +139,9 @@ async def accept(
             wanted.pop((shop, message_id), None)  # requested before: nothing to do
     if not wanted:
         return
-    context = await load_context(conn, [(e.shop_id, d) for e, d in wanted.values()])
+    context = await load_context(
+        conn, [(e.shop_id, d) for e, d in wanted.values()], public_base=public_base, now=now
+    )
     rows: list[dict[str, Any]] = []
     changes: list[Change] = []
     due: list[Timer] = []
@@ -133,9 +166,7 @@ def _decide(
 ) -> tuple[dict[str, Any], str | None, str, datetime | None]:
     """The new message's row, and its first status: (row, reason, status, send at)."""
     extra = data.model_extra or {}
-    category: rules.Category = (
-        "marketing" if extra.get("category") == "marketing" else "transactional"
-    )
+    category = _category(data)
     channel = context.channel(shop, data.channel)
     policy = context.policies[shop]
     row: dict[str, Any] = {
@@ -171,7 +202,7 @@ def _decide(
     if not data.to:
         return stop("suppressed", "no_address")
     held = context.suppressed.get((shop, data.channel, data.to))
-    if held is not None:
+    if held is not None and (category == "marketing" or held not in rules.MARKETING_ONLY):
         return stop("suppressed", f"suppressed:{held}")
     consent = context.consents.get((shop, data.customer_id), {}).get(data.channel)
     refused = rules.consent_reason(policy, category, consent)
@@ -183,8 +214,17 @@ def _decide(
     if template.channel != data.channel:
         return stop("failed", "template_channel_mismatch")
     locale = str(extra.get("locale") or policy.locale)
+    variables = dict(data.variables)
+    given_shop = variables.get("shop")
+    if not (isinstance(given_shop, dict) and given_shop.get("name")) and shop in context.names:
+        variables["shop"] = {"name": context.names[shop]}
+    if category == "marketing":
+        secret = context.secrets[shop]
+        variables["unsubscribe_url"] = links.unsubscribe_url(
+            context.public_base, secret, shop, message_id
+        )
     try:
-        rendered = templates.render(template, locale, data.variables, category=category)
+        rendered = templates.render(template, locale, variables, category=category)
     except TemplateError as exc:
         return stop("failed", f"template_error: {exc}"[:300])
     row["locale"] = rendered.locale

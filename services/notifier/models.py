@@ -1,5 +1,5 @@
 """The notifier's own tables: channel settings, templates, consent, suppressions, policy,
-and the messages with their status history.
+the messages with their status history, and each shop's link-signing secret.
 
 Every key starts with the shop. A message's id is derived from the shop and the request's
 idempotency key (`message_id_of`), so a repeated request finds its message; its status
@@ -136,6 +136,16 @@ rate_buckets = Table(
     Column("tokens", Float, nullable=False),
     Column("refilled_at", Float, nullable=False),
     # Epoch seconds of the last refill (the bucket holds across workers: it is a row).
+)
+
+secrets = Table(
+    "notifier_shop_secrets",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("secret", String(64), nullable=False),
+    # Keys the HMAC of the shop's unsubscribe links and provider callback URLs; made on
+    # first use, shared by every notifier worker (it is a row, not a process's setting).
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 

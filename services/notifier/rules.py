@@ -3,6 +3,7 @@ for transactional messages, rate limits), consent and suppressions.
 
 Each rule that stops a message names itself as the message's `reason`; quiet hours never
 drop a message, they defer it to the next allowed minute (on a durable timer).
+Suppressions: `MARKETING_ONLY` reasons hold back marketing, the others every message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Category = Literal["transactional", "marketing"]
+
+MARKETING_ONLY: frozenset[str] = frozenset({"opt_out", "unsubscribe"})
+"""Suppression reasons that stop marketing only: a recipient who replied 退订 to a promotion
+or clicked its unsubscribe link still gets the order and parcel notices (the markets'
+opt-out rules cover marketing); a bounced or complaining address gets nothing."""
 
 
 _MARKETING: list[Category] = ["marketing"]

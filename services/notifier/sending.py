@@ -40,7 +40,7 @@ from libs.common.db import Database
 from libs.common.db.dialect import insert_ignore, upsert
 from libs.common.db.keysets import by_shop
 from libs.common.timers import Timer, after_commit, cancel, schedule, timer_key
-from services.notifier import rules
+from services.notifier import links, rules
 from services.notifier.config import OUTBOX, Channel, load_channels, load_policies
 from services.notifier.intake import SEND_TIMER, send_timer
 from services.notifier.models import messages, rate_buckets, suppressions
@@ -50,8 +50,6 @@ from services.notifier.statuses import Change, record
 log = logging.getLogger(__name__)
 
 RECONCILE_TIMER = "notify.reconcile"
-RECONCILE_AFTER = timedelta(seconds=60)
-"""How long an attempt may stay `sending` before its reconciliation asks the provider."""
 UNKNOWN_RECHECK = timedelta(seconds=5)
 QUERY_GRACE = timedelta(minutes=10)
 """A status query that does not find an attempt younger than this is asked again later
@@ -75,6 +73,7 @@ CALL_SECONDS = Histogram(
 
 
 def reconcile_timer(shop: str, message_id: str, due: datetime) -> Timer:
+    """The safety net of an attempt still `sending` at `due` (`notifier_reconcile_after_s`)."""
     return Timer(timer_key(shop, "rec", message_id), RECONCILE_TIMER, shop, due, {"m": message_id})
 
 
@@ -96,11 +95,19 @@ class Attempt:
     """A status query of an earlier attempt rather than a send."""
 
 
-def _outgoing(row: Any, sent_at: datetime) -> Outgoing:
+def _outgoing(row: Any, sent_at: datetime, links_of: Links) -> Outgoing:
     template = None
     if row.provider_template:
         spec = orjson.loads(row.provider_template)
         template = ProviderTemplate(spec["id"], spec["params"])
+    headers: dict[str, str] = {}
+    if row.channel == "email" and row.category == "marketing":
+        # RFC 8058 one-click: mail clients POST `List-Unsubscribe=One-Click` to the link.
+        url = links_of.unsubscribe(row.shop_id, row.message_id)
+        headers = {
+            "List-Unsubscribe": f"<{url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
     return Outgoing(
         message_id=row.message_id,
         shop_id=row.shop_id,
@@ -110,8 +117,31 @@ def _outgoing(row: Any, sent_at: datetime) -> Outgoing:
         subject=row.subject,
         html=row.html,
         template=template,
+        headers=headers,
+        status_callback=links_of.callback(row.shop_id, row.provider),
         sent_at=sent_at,
     )
+
+
+@dataclass(frozen=True)
+class Links:
+    """The public links of a batch's messages (their shops' secrets, read once)."""
+
+    base: str
+    secrets: Mapping[str, str]
+
+    def unsubscribe(self, shop: str, message_id: str) -> str:
+        return links.unsubscribe_url(self.base, self.secrets[shop], shop, message_id)
+
+    def callback(self, shop: str, provider: str | None) -> str | None:
+        if provider != "twilio":
+            return None  # only Twilio takes a callback URL per message
+        return links.callback_url(self.base, "", shop, provider)
+
+    @classmethod
+    async def of(cls, conn: AsyncConnection, base: str, rows: list[Any], now: datetime) -> Links:
+        shops = {r.shop_id for r in rows if r.channel == "email" and r.category == "marketing"}
+        return cls(base, await links.shop_secrets(conn, shops, now=now))
 
 
 async def _take(
@@ -143,12 +173,16 @@ class Sending:
         adapters: Mapping[str, Adapter],
         *,
         namespace: str,
+        public_base: str,
+        reconcile_after: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         concurrency: int = 64,
     ) -> None:
         self.db = db
         self.adapters = adapters
         self.namespace = namespace
+        self.public_base = public_base
+        self.reconcile_after = reconcile_after
         self.clock = clock
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,6 +206,7 @@ class Sending:
         shops = {r.shop_id for r in rows}
         policy = await load_policies(conn, shops)
         configured = await load_channels(conn, shops)
+        links_of = await Links.of(conn, self.public_base, rows, now)
         by_bucket: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
             by_bucket.setdefault((row.shop_id, row.provider), []).append(row)
@@ -200,7 +235,7 @@ class Sending:
                 )
             )
             for row in going:
-                later.append(reconcile_timer(shop, row.message_id, now + RECONCILE_AFTER))
+                later.append(reconcile_timer(shop, row.message_id, now + self.reconcile_after))
                 changes.append(
                     Change(shop, row.message_id, "sending", None, now, dict(row._mapping))
                 )
@@ -211,7 +246,7 @@ class Sending:
                         row.attempts + 1,
                         provider,
                         _channel_of(configured, row).settings_of(provider),
-                        _outgoing(row, now),
+                        _outgoing(row, now, links_of),
                     )
                 )
         await schedule(conn, later)
@@ -225,10 +260,10 @@ class Sending:
         if not rows:
             return
         configured = await load_channels(conn, {r.shop_id for r in rows})
+        links_of = await Links.of(conn, self.public_base, rows, now)
         # The safety net stays: if this process dies before asking, the next one asks.
-        await schedule(
-            conn, [reconcile_timer(r.shop_id, r.message_id, now + RECONCILE_AFTER) for r in rows]
-        )
+        due = now + self.reconcile_after
+        await schedule(conn, [reconcile_timer(r.shop_id, r.message_id, due) for r in rows])
         checks = [
             Attempt(
                 r.shop_id,
@@ -236,7 +271,7 @@ class Sending:
                 r.attempts,
                 r.provider,
                 _channel_of(configured, r).settings_of(r.provider),
-                _outgoing(r, r.sending_since or now),
+                _outgoing(r, r.sending_since or now, links_of),
                 reconcile=True,
             )
             for r in rows
@@ -334,7 +369,8 @@ class Sending:
                     await suppress(conn, shop, row.channel, row.recipient, reason, now)
             elif outcome is None and row.sending_since and now - row.sending_since < QUERY_GRACE:
                 # Not found yet: the record may lag; ask again before ever sending again.
-                await schedule(conn, [reconcile_timer(shop, message_id, now + RECONCILE_AFTER)])
+                due = now + self.reconcile_after
+                await schedule(conn, [reconcile_timer(shop, message_id, due)])
                 return
             elif kind == "unknown":
                 # The answer was lost: ask the provider soon, never call it blindly again.

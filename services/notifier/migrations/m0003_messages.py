@@ -9,4 +9,16 @@ from services.notifier import models
 
 
 def upgrade(op: Operations) -> None:
-    models.metadata.create_all(op.get_bind())
+    models.metadata.create_all(
+        op.get_bind(),
+        tables=[
+            models.channels,
+            models.templates,
+            models.consents,
+            models.suppressions,
+            models.policies,
+            models.messages,
+            models.history,
+            models.rate_buckets,
+        ],
+    )
