@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     """How long a provider call may stay unanswered before the notifier asks the provider
     whether it has the message (the safety net for a call whose answer was lost, or a
     process that died between the provider's answer and its record)."""
+    notifier_retry_base_s: float = Field(default=2, gt=0)
+    """The first retry's delay after a provider's transient failure (timeout, 5xx,
+    throttling), doubling with each attempt (with jitter, at most 5 minutes); also how
+    soon a call whose answer was lost is checked with the provider."""
 
     log_level: str = "INFO"
 

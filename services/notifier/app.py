@@ -45,6 +45,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
         namespace=namespace,
         public_base=public_base,
         reconcile_after=timedelta(seconds=ctx.settings.notifier_reconcile_after_s),
+        retry_base=timedelta(seconds=ctx.settings.notifier_retry_base_s),
     )
 
     async def requested(conn: AsyncConnection, events: list[Envelope]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from jinja2 import TemplateError
@@ -231,14 +231,25 @@ def _decide(
     row["subject"] = rendered.subject
     row["body"] = rendered.text
     row["html"] = rendered.html
-    provider_template = rendered.provider.get(channel.provider)
-    if provider_template is not None:
+    if rendered.provider:
+        # Every provider's, so a failover to the fallback sends its own approved template.
         row["provider_template"] = orjson.dumps(
-            {"id": provider_template.id, "params": provider_template.params}
+            {name: {"id": t.id, "params": t.params} for name, t in rendered.provider.items()}
         ).decode()
-    zone = context.zones.get(shop, ZoneInfo("UTC"))
+    zone = _recipient_zone(extra.get("timezone")) or context.zones.get(shop, ZoneInfo("UTC"))
     until = rules.quiet_until(policy, category, zone, now)
     if until is not None:
         row["status"], row["reason"] = "deferred", "quiet_hours"
         return row, "quiet_hours", "deferred", until
     return row, None, "queued", now
+
+
+def _recipient_zone(name: object) -> ZoneInfo | None:
+    """The recipient's own timezone where the request names a valid one (quiet hours are
+    theirs); None sends the caller to the shop's."""
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        return None

@@ -101,7 +101,7 @@ messages = Table(
     Column("body", Text),
     Column("html", Text),
     Column("provider_template", Text),
-    # JSON `{"id", "params"}` of the approved provider template, rendered.
+    # JSON `{provider: {"id", "params"}}`: each provider's approved template, rendered.
     Column("status", String(16), nullable=False),
     Column("reason", String(300)),
     Column("provider_message_id", String(120)),

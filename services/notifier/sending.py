@@ -50,12 +50,10 @@ from services.notifier.statuses import Change, record
 log = logging.getLogger(__name__)
 
 RECONCILE_TIMER = "notify.reconcile"
-UNKNOWN_RECHECK = timedelta(seconds=5)
 QUERY_GRACE = timedelta(minutes=10)
 """A status query that does not find an attempt younger than this is asked again later
 rather than taken as "never sent" (providers' send records can lag the send)."""
 ATTEMPTS_PER_PROVIDER = 3
-BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 HARD_BOUNCE = {"550", "551", "553", "554"}
 """SMTP codes that mean the mailbox does not exist or refuses for good."""
@@ -77,9 +75,10 @@ def reconcile_timer(shop: str, message_id: str, due: datetime) -> Timer:
     return Timer(timer_key(shop, "rec", message_id), RECONCILE_TIMER, shop, due, {"m": message_id})
 
 
-def backoff(attempts: int) -> timedelta:
-    """Exponential, capped, with full jitter (so retries of a burst spread out)."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
+def backoff(attempts: int, base: float) -> timedelta:
+    """Exponential from `base` seconds, capped, with jitter (half the ceiling to all of
+    it, so retries of a burst spread out)."""
+    ceiling = min(BACKOFF_MAX_S, base * 2 ** max(0, attempts - 1))
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
@@ -97,8 +96,8 @@ class Attempt:
 
 def _outgoing(row: Any, sent_at: datetime, links_of: Links) -> Outgoing:
     template = None
-    if row.provider_template:
-        spec = orjson.loads(row.provider_template)
+    spec = orjson.loads(row.provider_template).get(row.provider) if row.provider_template else None
+    if spec is not None:
         template = ProviderTemplate(spec["id"], spec["params"])
     headers: dict[str, str] = {}
     if row.channel == "email" and row.category == "marketing":
@@ -175,6 +174,7 @@ class Sending:
         namespace: str,
         public_base: str,
         reconcile_after: timedelta = timedelta(seconds=60),
+        retry_base: timedelta = timedelta(seconds=2),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         concurrency: int = 64,
     ) -> None:
@@ -183,6 +183,7 @@ class Sending:
         self.namespace = namespace
         self.public_base = public_base
         self.reconcile_after = reconcile_after
+        self.retry_base = retry_base
         self.clock = clock
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -374,13 +375,15 @@ class Sending:
                 return
             elif kind == "unknown":
                 # The answer was lost: ask the provider soon, never call it blindly again.
-                await schedule(conn, [reconcile_timer(shop, message_id, now + UNKNOWN_RECHECK)])
+                due = now + self.retry_base
+                await schedule(conn, [reconcile_timer(shop, message_id, due)])
                 return
             else:  # retry: not sent
                 detail = "not_sent" if outcome is None else _reason(outcome)
                 if row.attempts < ATTEMPTS_PER_PROVIDER:
                     status, reason = "deferred", f"retry: {detail}"[:300]
-                    timers.append(send_timer(shop, message_id, now + backoff(row.attempts)))
+                    wait = backoff(row.attempts, self.retry_base.total_seconds())
+                    timers.append(send_timer(shop, message_id, now + wait))
                 else:
                     channel = (await load_channels(conn, [shop])).get((shop, row.channel), OUTBOX)
                     fallback = channel.fallback_provider

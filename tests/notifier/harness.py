@@ -15,7 +15,13 @@ from sqlalchemy import select
 from libs.common.bus import Message
 from libs.common.db import Database
 from libs.common.db.tables import shops
-from libs.common.events import NotificationRequestedData, ShopData, new_event, topic_for
+from libs.common.events import (
+    Envelope,
+    NotificationRequestedData,
+    ShopData,
+    new_event,
+    topic_for,
+)
 from libs.common.http import build_app
 from libs.common.settings import Settings
 from services.notifier.app import SPEC
@@ -81,7 +87,7 @@ class Notifier:
         found: dict[str, Any] = r.json()
         return found
 
-    async def request(
+    def requested(
         self,
         key: str,
         *,
@@ -91,8 +97,10 @@ class Notifier:
         customer: str = "c-1",
         category: str = "transactional",
         variables: dict[str, Any] | None = None,
-    ) -> str:
-        """Publish one `notification.requested`; returns its message's id."""
+        **extra: Any,
+    ) -> Envelope:
+        """One `notification.requested` as campaigns emits it (`extra`: its additive
+        fields, e.g. the recipient's `timezone`)."""
         data = NotificationRequestedData.model_validate(
             {
                 "idempotency_key": f"{self.shop}:{key}",
@@ -102,9 +110,10 @@ class Notifier:
                 "to": to,
                 "variables": variables or {"order": {"id": f"o-{key}"}},
                 "category": category,
+                **extra,
             }
         )
-        event = new_event(
+        return new_event(
             type="notification.requested",
             shop_id=self.shop,
             source="test",
@@ -112,8 +121,14 @@ class Notifier:
             subject=customer,
             id=f"{self.shop}-{key}",
         )
-        await self.publish(event)
-        return message_id_of(self.shop, data.idempotency_key)
+
+    def message_id(self, key: str) -> str:
+        return message_id_of(self.shop, f"{self.shop}:{key}")
+
+    async def request(self, key: str, **kwargs: Any) -> str:
+        """Publish one `notification.requested` (see `requested`); its message's id."""
+        await self.publish(self.requested(key, **kwargs))
+        return self.message_id(key)
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         r = await self.call("GET", f"/v1/messages/{message_id}")
