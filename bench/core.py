@@ -19,7 +19,7 @@ from bench.profiles import summarize
 from bench.stats import Stat
 
 MODES = ("embedded", "distributed")
-PATHS = ("ingest", "lifecycle", "e2e", "timers", "campaigns", "memory", "celery")
+PATHS = ("ingest", "lifecycle", "e2e", "timers", "campaigns", "notifier", "memory", "celery")
 
 
 @dataclass(frozen=True)

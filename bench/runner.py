@@ -18,7 +18,7 @@ import uvloop
 from bench import machine, report, tools
 from bench.core import MODES, PATHS, SIZES, Profiler, Run, Stack
 from bench.infra import ROOT
-from bench.paths import campaigns, celery, e2e, ingest, lifecycle, memory, timers
+from bench.paths import campaigns, celery, e2e, ingest, lifecycle, memory, notifier, timers
 
 RESULTS = ROOT / "bench" / "results"
 PathRunner = Callable[[Run, Stack], Awaitable[None]]
@@ -28,6 +28,7 @@ RUNNERS: dict[str, PathRunner] = {
     "e2e": e2e.measure,
     "timers": timers.measure,
     "campaigns": campaigns.measure,
+    "notifier": notifier.measure,
     "memory": memory.measure,
 }
 

@@ -73,7 +73,9 @@ async def test_provider_500s_then_recovery_send_once(settings: Settings) -> None
 async def test_a_failing_provider_fails_over_to_the_fallback(settings: Settings) -> None:
     async with (
         aliyun_server() as aliyun,
-        TencentServer(sign_names=("惠投",), **TENCENT) as tencent,
+        TencentServer(
+            TENCENT["secret_id"], TENCENT["secret_key"], TENCENT["sdk_app_id"], sign_names=("惠投",)
+        ) as tencent,
         running_notifier(settings, **FAST) as n,
     ):
         await n.channel(
