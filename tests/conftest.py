@@ -97,6 +97,8 @@ async def platform(
         "consumer_batch_size": 10,
         "timer_batch_size": 20,
         "bus_publish_timeout_s": 2,
+        # A provider call cut off by a kill is asked about after 3 s, not a minute.
+        "notifier_reconcile_after_s": 3,
     }
     if request.param == "embedded":
         settings = make_settings("embedded", workdir, **extra)

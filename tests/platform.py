@@ -75,6 +75,7 @@ class Platform:
             HUITOU_CONSUMER_SESSION_TIMEOUT_MS=str(s.consumer_session_timeout_ms),
             HUITOU_TIMER_BATCH_SIZE=str(s.timer_batch_size),
             HUITOU_BUS_PUBLISH_TIMEOUT_S=str(s.bus_publish_timeout_s),
+            HUITOU_NOTIFIER_RECONCILE_AFTER_S=str(s.notifier_reconcile_after_s),
         )
         if s.database_url:
             env["HUITOU_DATABASE_URL"] = s.database_url
