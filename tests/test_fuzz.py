@@ -50,7 +50,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_settings
-from tests.platform import Platform, until
+from tests.platform import ROUTES, Platform, until
 
 EXAMPLES = int(os.environ.get("HUITOU_FUZZ_EXAMPLES", "5"))
 DEEP = os.environ.get("HUITOU_FUZZ_DEEP") == "1"
@@ -383,48 +383,49 @@ class Fingerprint:
         )
         self.pool = ThreadPoolExecutor(4)
         """The reads of one fingerprint go out together."""
-        self.known: dict[str, Any] | None = None
+        self.known: dict[str | None, dict[str, Any]] = {}
+        """The last fingerprint of each service (None: all of them) still believed true."""
         self.change: str | None = None
         """What the last refused request changed (requests run one at a time)."""
 
-    def take(self) -> dict[str, Any]:
-        reads: dict[tuple[str, str], tuple[str, dict[str, str] | None]] = {
-            ("", "shops"): ("/v1/shops", None)
-        }
+    def take(self, service: str | None = None) -> dict[str, Any]:
+        """What `service` keeps of both shops (every service's with None), flat: a
+        service's route writes only its own tables, so a refused request is checked
+        against its own service's state (what it might have emitted is checked on the
+        bus at the end)."""
+        reads: dict[str, tuple[str, dict[str, str] | None]] = {}
+        wanted = (lambda name: True) if service is None else (lambda name: name == service)
+        if wanted("ingest"):
+            reads["shops"] = ("/v1/shops", None)
         for shop in SHOPS:
             params, customer = {"shop_id": shop}, self.state["customers"][shop]
-            reads[shop, "shop"] = (f"/v1/shops/{shop}", None)
-            reads[shop, "tags"] = ("/v1/tags", params)
-            reads[shop, "segments"] = ("/v1/segments", params)
-            reads[shop, "policy"] = ("/v1/policy", params)
-            reads[shop, "profile"] = (f"/v1/customers/{customer}", params)
-            reads[shop, "timeline"] = (f"/v1/customers/{customer}/timeline", params)
-            reads[shop, "templates"] = ("/v1/templates", params)
-            reads[shop, "notifier_policy"] = ("/v1/notifier/policy", params)
-            reads[shop, "sms"] = ("/v1/channels/sms", params)
-            reads[shop, "email"] = ("/v1/channels/email", params)
-            reads[shop, "consent"] = (f"/v1/consent/{customer}", params)
+            if wanted("ingest"):
+                reads[f"{shop}/shop"] = (f"/v1/shops/{shop}", None)
+            if wanted("lifecycle"):
+                reads[f"{shop}/tags"] = ("/v1/tags", params)
+                reads[f"{shop}/segments"] = ("/v1/segments", params)
+                reads[f"{shop}/policy"] = ("/v1/policy", params)
+                reads[f"{shop}/profile"] = (f"/v1/customers/{customer}", params)
+                reads[f"{shop}/timeline"] = (f"/v1/customers/{customer}/timeline", params)
+            if wanted("campaigns"):
+                reads[f"{shop}/journeys"] = ("/v1/journeys", params)
+                reads[f"{shop}/promotions"] = ("/v1/promotions", params)
+            if wanted("notifier"):
+                reads[f"{shop}/templates"] = ("/v1/templates", params)
+                reads[f"{shop}/notifier_policy"] = ("/v1/notifier/policy", params)
+                reads[f"{shop}/sms"] = ("/v1/channels/sms", params)
+                reads[f"{shop}/email"] = ("/v1/channels/email", params)
+                reads[f"{shop}/consent"] = (f"/v1/consent/{customer}", params)
         values = self.pool.map(lambda read: self._get(*read), reads.values())
-        got = dict(zip(reads, values, strict=True))
-        found: dict[str, Any] = {"shops": got["", "shops"]}
-        for shop in SHOPS:
-            tags, profile, timeline = (got[shop, k] for k in ("tags", "profile", "timeline"))
-            found[shop] = {
-                "shop": got[shop, "shop"],
-                "tags": [{k: t[k] for k in ("name", "kind", "rule")} for t in tags]
-                if isinstance(tags, list)
-                else tags,
-                "segments": got[shop, "segments"],
-                "policy": got[shop, "policy"],
-                "source": profile.get("source") if isinstance(profile, dict) else profile,
-                "notes": [e for e in timeline if e["kind"] == "note"]
-                if isinstance(timeline, list)
-                else timeline,
-                **{
-                    k: got[shop, k]
-                    for k in ("templates", "notifier_policy", "sms", "email", "consent")
-                },
-            }
+        found = dict(zip(reads, values, strict=True))
+        for name, value in found.items():
+            kind = name.rsplit("/", 1)[-1]
+            if kind == "tags" and isinstance(value, list):
+                found[name] = [{k: t[k] for k in ("name", "kind", "rule")} for t in value]
+            elif kind == "profile" and isinstance(value, dict):
+                found[name] = value.get("source")
+            elif kind == "timeline" and isinstance(value, list):
+                found[name] = [e for e in value if e["kind"] == "note"]
         return found
 
     def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
@@ -434,9 +435,17 @@ class Fingerprint:
             r = self.client.get(path, params=params)
         return r.json() if r.status_code == 200 else r.status_code
 
+    @staticmethod
+    def service_of(path: str) -> str | None:
+        for service, prefixes in ROUTES.items():
+            if path.startswith(prefixes):
+                return service
+        return None
+
     def before(self, method: str, path: str) -> None:
-        if self._watched(method, path) and self.known is None:
-            self.known = self.take()
+        service = self.service_of(path)
+        if self._watched(method, path) and service not in self.known:
+            self.known[service] = self.take(service)
 
     @staticmethod
     def _watched(method: str, path: str) -> bool:
@@ -452,11 +461,12 @@ class Fingerprint:
         if not self._watched(method, path):
             return
         if not 400 <= status < 500:
-            self.known = None  # it may have changed things: look again before the next one
+            self.known.clear()  # it may have changed things: look again before the next one
             return
-        before = self.known if self.known is not None else self.take()
-        now = self.take()
-        self.known = now
+        service = self.service_of(path)
+        before = self.known.get(service) or self.take(service)
+        now = self.take(service)
+        self.known[service] = now
         if now != before:
             changed = [k for k in before if before[k] != now.get(k)]
             self.change = (

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 from prometheus_client import Counter, Histogram
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db import Database
@@ -53,6 +53,9 @@ RECONCILE_TIMER = "notify.reconcile"
 QUERY_GRACE = timedelta(minutes=10)
 """A status query that does not find an attempt younger than this is asked again later
 rather than taken as "never sent" (providers' send records can lag the send)."""
+BUSY_RETRY = timedelta(seconds=1)
+"""When a sender has `max_in_flight` calls under way, when the sends it cannot take yet
+are due again."""
 ATTEMPTS_PER_PROVIDER = 3
 BACKOFF_MAX_S = 300.0
 HARD_BOUNCE = {"550", "551", "553", "554"}
@@ -177,6 +180,7 @@ class Sending:
         retry_base: timedelta = timedelta(seconds=2),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         concurrency: int = 64,
+        finish_batch: int = 200,
     ) -> None:
         self.db = db
         self.adapters = adapters
@@ -187,6 +191,10 @@ class Sending:
         self.clock = clock
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.finish_batch = finish_batch
+        self.max_in_flight = concurrency * 4
+        self._outcomes: list[tuple[Attempt, Outcome | None, asyncio.Future[None]]] = []
+        self._finisher: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         """Let calls under way finish (a call cut off would leave its outcome unknown)."""
@@ -202,6 +210,14 @@ class Sending:
     async def fire_sends(self, conn: AsyncConnection, fired: list[Timer]) -> None:
         now = self.clock()
         rows = await self._rows(conn, fired, ("queued", "deferred"))
+        room = max(0, self.max_in_flight - len(self._tasks))
+        if len(rows) > room:
+            # Backpressure: no more calls in flight here than the sender works through
+            # before their reconciliation would start asking; the rest come back soon
+            # (still queued: nothing was attempted).
+            back = now + BUSY_RETRY
+            await schedule(conn, [send_timer(r.shop_id, r.message_id, back) for r in rows[room:]])
+            rows = rows[:room]
         if not rows:
             return
         shops = {r.shop_id for r in rows}
@@ -302,13 +318,34 @@ class Sending:
     async def _run(self, attempt: Attempt) -> None:
         async with self._slots:
             outcome = await self._call(attempt)
-        try:
-            await self.finish(attempt, outcome)
-        except Exception:
-            # The attempt stays `sending`: its reconciliation timer settles it.
-            log.exception(
-                "recording a provider outcome failed", extra={"message": attempt.message_id}
-            )
+        done = asyncio.get_running_loop().create_future()
+        self._outcomes.append((attempt, outcome, done))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._finish_pending())
+        await done
+
+    async def _finish_pending(self) -> None:
+        """Record the outcomes waiting, many per transaction (a group commit: outcomes that
+        arrive while one is written go into the next); a batch that fails is recorded one
+        outcome at a time, so one bad row costs only itself."""
+        while self._outcomes:
+            batch = self._outcomes[: self.finish_batch]
+            del self._outcomes[: len(batch)]
+            try:
+                await self.finish_many([(a, o) for a, o, _ in batch])
+            except Exception:
+                for attempt, outcome, _ in batch:
+                    try:
+                        await self.finish_many([(attempt, outcome)])
+                    except Exception:
+                        # The attempt stays `sending`: its reconciliation timer settles it.
+                        log.exception(
+                            "recording a provider outcome failed",
+                            extra={"message": attempt.message_id},
+                        )
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def _call(self, attempt: Attempt) -> Outcome | None:
         adapter = self.adapters.get(attempt.provider)
@@ -336,75 +373,97 @@ class Sending:
             )
 
     async def finish(self, attempt: Attempt, outcome: Outcome | None) -> None:
-        """Record what the call (or the status query: None = the provider never saw it)
-        says, if the attempt is still the message's current one."""
-        kind = "retry" if outcome is None else outcome.kind
-        CALLS.labels(attempt.provider, f"query_{kind}" if attempt.reconcile else kind).inc()
+        """Record one outcome (see `finish_many`)."""
+        await self.finish_many([(attempt, outcome)])
+
+    async def finish_many(self, outcomes: list[tuple[Attempt, Outcome | None]]) -> None:
+        """Record what each call (or status query: None = the provider never saw it) says,
+        for the attempts still their message's current one, in one transaction: one read
+        of the messages, one UPDATE statement for all of them."""
         now = self.clock()
-        shop, message_id = attempt.shop_id, attempt.message_id
+        keys = {(a.shop_id, a.message_id) for a, _ in outcomes}
         async with self.db.begin() as conn:
-            m = messages.c
-            query = select(messages).where(m.shop_id == shop, m.message_id == message_id)
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = (await conn.execute(query)).first()
-            if row is None or row.status != "sending" or row.attempts != attempt.attempt:
-                return  # settled meanwhile (a reconciliation, another worker)
-            current = dict(row._mapping)
-            values: dict[str, Any] = {"updated_at": now}
-            status, reason = "sending", None
+            current: dict[tuple[str, str], dict[str, Any]] = {}
+            for where in by_shop(messages, "message_id", keys):
+                query = select(messages).where(where).order_by(messages.c.message_id)
+                if conn.dialect.name == "postgresql":
+                    query = query.with_for_update()
+                for found in await conn.execute(query):
+                    current[(found.shop_id, found.message_id)] = dict(found._mapping)
+            updates: list[dict[str, Any]] = []
+            settled: list[str] = []
             timers: list[Timer] = []
-            if kind == "sent":
-                assert outcome is not None
-                status = "sent"
-                values["provider_message_id"] = outcome.provider_message_id
-            elif kind == "failed":
-                assert outcome is not None
-                status, reason = "failed", _reason(outcome)
-                code, detail = outcome.code or "", outcome.detail or ""
-                # A mailbox refused at RCPT for good, or a recipient who opted out at the
-                # provider: no further message goes to that address.
-                bounced = code in HARD_BOUNCE and detail.startswith("RCPT")
-                if (bounced or code in OPTED_OUT) and row.recipient:
-                    reason = "bounce" if bounced else "opt_out"
-                    await suppress(conn, shop, row.channel, row.recipient, reason, now)
-            elif outcome is None and row.sending_since and now - row.sending_since < QUERY_GRACE:
-                # Not found yet: the record may lag; ask again before ever sending again.
-                due = now + self.reconcile_after
-                await schedule(conn, [reconcile_timer(shop, message_id, due)])
-                return
-            elif kind == "unknown":
-                # The answer was lost: ask the provider soon, never call it blindly again.
-                due = now + self.retry_base
-                await schedule(conn, [reconcile_timer(shop, message_id, due)])
-                return
-            else:  # retry: not sent
-                detail = "not_sent" if outcome is None else _reason(outcome)
-                if row.attempts < ATTEMPTS_PER_PROVIDER:
+            changes: list[Change] = []
+            fallbacks: Mapping[tuple[str, str], Channel] | None = None
+            for attempt, outcome in outcomes:
+                kind = "retry" if outcome is None else outcome.kind
+                CALLS.labels(attempt.provider, f"query_{kind}" if attempt.reconcile else kind).inc()
+                shop, message_id = attempt.shop_id, attempt.message_id
+                row = current.get((shop, message_id))
+                if row is None or row["status"] != "sending" or row["attempts"] != attempt.attempt:
+                    continue  # settled meanwhile (a reconciliation, a receipt, another worker)
+                since = row["sending_since"]
+                if outcome is None and since is not None and now - since < QUERY_GRACE:
+                    # Not found yet: the record may lag; ask again before ever sending again.
+                    timers.append(reconcile_timer(shop, message_id, now + self.reconcile_after))
+                    continue
+                if kind == "unknown":
+                    # The answer was lost: ask the provider soon, never call it blindly again.
+                    timers.append(reconcile_timer(shop, message_id, now + self.retry_base))
+                    continue
+                values: dict[str, Any] = {
+                    "provider": row["provider"],
+                    "fallback_used": row["fallback_used"],
+                    "attempts": row["attempts"],
+                    "provider_message_id": row["provider_message_id"],
+                }
+                if kind == "sent":
+                    assert outcome is not None
+                    status, reason = "sent", None
+                    values["provider_message_id"] = outcome.provider_message_id
+                elif kind == "failed":
+                    assert outcome is not None
+                    status, reason = "failed", _reason(outcome)
+                    code, detail = outcome.code or "", outcome.detail or ""
+                    # A mailbox refused at RCPT for good, or a recipient who opted out at the
+                    # provider: no further message goes to that address.
+                    bounced = code in HARD_BOUNCE and detail.startswith("RCPT")
+                    if (bounced or code in OPTED_OUT) and row["recipient"]:
+                        reason = "bounce" if bounced else "opt_out"
+                        await suppress(conn, shop, row["channel"], row["recipient"], reason, now)
+                elif row["attempts"] < ATTEMPTS_PER_PROVIDER:  # retry: not sent
+                    detail = "not_sent" if outcome is None else _reason(outcome)
                     status, reason = "deferred", f"retry: {detail}"[:300]
-                    wait = backoff(row.attempts, self.retry_base.total_seconds())
+                    wait = backoff(row["attempts"], self.retry_base.total_seconds())
                     timers.append(send_timer(shop, message_id, now + wait))
                 else:
-                    channel = (await load_channels(conn, [shop])).get((shop, row.channel), OUTBOX)
-                    fallback = channel.fallback_provider
-                    if fallback and fallback != row.provider and not row.fallback_used:
-                        status, reason = "queued", f"failover from {row.provider}: {detail}"[:300]
+                    detail = "not_sent" if outcome is None else _reason(outcome)
+                    if fallbacks is None:
+                        fallbacks = await load_channels(conn, {s for s, _ in keys})
+                    fallback = fallbacks.get((shop, row["channel"]), OUTBOX).fallback_provider
+                    if fallback and fallback != row["provider"] and not row["fallback_used"]:
+                        status, reason = "queued", f"failover from {row['provider']}: {detail}"
                         values.update(provider=fallback, fallback_used=True, attempts=0)
                         timers.append(send_timer(shop, message_id, now))
                     else:
-                        status, reason = "failed", f"gave_up: {detail}"[:300]
-            values.update(status=status, reason=reason, sending_since=None)
-            await conn.execute(
-                update(messages).where(m.shop_id == shop, m.message_id == message_id).values(values)
-            )
-            await cancel(conn, [timer_key(shop, "rec", message_id)])
+                        status, reason = "failed", f"gave_up: {detail}"
+                    reason = reason[:300]
+                values.update(status=status, reason=reason, sending_since=None, updated_at=now)
+                row.update(values)
+                updates.append({"b_shop": shop, "b_id": message_id, **values})
+                settled.append(timer_key(shop, "rec", message_id))
+                changes.append(Change(shop, message_id, status, reason, now, dict(row)))
+            if updates:
+                m = messages.c
+                await conn.execute(
+                    update(messages)
+                    .where(m.shop_id == bindparam("b_shop"), m.message_id == bindparam("b_id"))
+                    .values({name: bindparam(name) for name in updates[0] if name[:2] != "b_"}),
+                    updates,
+                )
+            await cancel(conn, settled)
             await schedule(conn, timers)
-            current.update(values)
-            await record(
-                conn,
-                [Change(shop, message_id, status, reason, now, current)],
-                namespace=self.namespace,
-            )
+            await record(conn, changes, namespace=self.namespace)
 
 
 def _channel_of(configured: Mapping[tuple[str, str], Channel], row: Any) -> Channel:

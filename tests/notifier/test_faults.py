@@ -109,3 +109,23 @@ async def test_a_lost_answer_is_reconciled_not_sent_again(settings: Settings) ->
         assert actions[0] == "SendSms" and "QuerySendDetails" in actions[1:], actions
         assert actions.count("SendSms") == 1
         assert n.history(sent) == ["queued", "sending", "sent"]
+
+
+async def test_a_burst_with_failures_among_it_sends_each_once(settings: Settings) -> None:
+    """Outcomes are recorded many per transaction: sent, retried and their history
+    side by side in one batch, each message still sent exactly once."""
+    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+        await n.channel("sms", aliyun_channel(aliyun))
+        await welcome_template(n)
+        aliyun.fail_next(5, status=500)
+        burst = [f"+86138001{i:05d}" for i in range(60)]
+        ids = [
+            await n.request(f"b{i}", channel="sms", template="welcome", to=phone)
+            for i, phone in enumerate(burst)
+        ]
+        for message_id in ids:
+            await n.settled(message_id, "sent")
+        assert sorted(f"+86{s.phone}" for s in aliyun.sent) == sorted(burst)
+        histories = [n.history(await n.message(i) or {}) for i in ids]
+        assert sum(h.count("sending") for h in histories) == 60 + 5, "one call per 500"
+        assert all(h[-1] == "sent" and h.count("sent") == 1 for h in histories)
