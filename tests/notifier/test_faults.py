@@ -129,3 +129,24 @@ async def test_a_burst_with_failures_among_it_sends_each_once(settings: Settings
         histories = [n.history(await n.message(i) or {}) for i in ids]
         assert sum(h.count("sending") for h in histories) == 60 + 5, "one call per 500"
         assert all(h[-1] == "sent" and h.count("sent") == 1 for h in histories)
+
+
+async def test_the_shops_rate_limit_spaces_its_sends(settings: Settings) -> None:
+    """A token bucket of burst 2 refilled at 4 a second: ten messages requested at once
+    reach the provider over at least two seconds (the first two at once, then one every
+    quarter second), each once. Only a lower bound: a slower machine spaces them more."""
+    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+        await n.channel("sms", aliyun_channel(aliyun))
+        await welcome_template(n)
+        policy = {"rate_limits": {"aliyun": {"per_second": 4, "burst": 2}}}
+        r = await n.call("PUT", "/v1/notifier/policy", json=policy)
+        assert r.status_code == 200, r.text
+        ids = [
+            await n.request(f"rl{i}", channel="sms", template="welcome", to=f"+861380000{i:04d}")
+            for i in range(10)
+        ]
+        for message_id in ids:
+            await n.settled(message_id, "sent")
+        times = sorted(s.received_at for s in aliyun.sent)
+        assert len(times) == 10
+        assert (times[-1] - times[0]).total_seconds() >= 1.9, times
