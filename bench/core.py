@@ -17,6 +17,8 @@ from typing import Any
 from bench import infra
 from bench.profiles import summarize
 from bench.stats import Stat
+from libs.common.settings import Settings
+from tests.servers import SINGLE_BROKER
 
 MODES = ("embedded", "distributed")
 PATHS = ("ingest", "lifecycle", "e2e", "timers", "campaigns", "notifier", "memory", "celery")
@@ -309,6 +311,18 @@ class Stack:
 
     def namespace(self) -> str:
         return f"b{uuid.uuid4().hex[:8]}."
+
+    def bus_settings(self, data_dir: Path, namespace: str) -> Settings:
+        """Settings reaching the bus of a process started with `env` (to publish onto its
+        topics from the bench)."""
+        return Settings(
+            data_dir=data_dir,
+            bus_url=self.bus_url,
+            topic_namespace=namespace,
+            kafka_idempotence=False,
+            topic_partitions=Settings().topic_partitions,
+            **SINGLE_BROKER,  # the one test broker
+        )
 
     def env(
         self, data_dir: Path, database_url: str | None, namespace: str = "", **extra: str

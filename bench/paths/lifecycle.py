@@ -32,7 +32,6 @@ from libs.common.bus import Message, create_bus
 from libs.common.db import Database
 from libs.common.events import parse_event, topic_for, topic_name
 from libs.common.settings import Settings
-from tests.servers import SINGLE_BROKER
 
 SHOP = "bench-lc"
 GROUP = "lifecycle"
@@ -234,14 +233,7 @@ async def _ours_once(run: Run, stack: Stack, stream: Stream, *, profile: bool) -
     namespace = stack.namespace() if not stack.embedded else ""
     database = await stack.database()
     env = stack.env(data, database, namespace)
-    settings = Settings(
-        data_dir=data,
-        bus_url=stack.bus_url,
-        topic_namespace=namespace,
-        kafka_idempotence=False,
-        topic_partitions=Settings().topic_partitions,
-        **SINGLE_BROKER,  # the one test broker
-    )
+    settings = stack.bus_settings(data, namespace)
     process = infra.Huitou("platform" if stack.embedded else "lifecycle", env, data)
     process.spawn()
     try:

@@ -57,7 +57,6 @@ from libs.common.events import topic_name as full_topic
 from libs.common.settings import Settings
 from services.notifier.intake import SEND_TIMER, accept
 from services.notifier.models import consents, history, messages
-from tests.servers import SINGLE_BROKER
 
 BATCH = 500
 CONCURRENCY = 64
@@ -112,14 +111,7 @@ async def measure(run: Run, stack: Stack) -> None:
     namespace = stack.namespace() if not stack.embedded else ""
     database = await stack.database()
     env = stack.env(data, database, namespace)
-    settings = Settings(
-        data_dir=data,
-        bus_url=stack.bus_url,
-        topic_namespace=namespace,
-        kafka_idempotence=False,
-        topic_partitions=Settings().topic_partitions,
-        **SINGLE_BROKER,
-    )
+    settings = stack.bus_settings(data, namespace)
     process = infra.Huitou("platform" if stack.embedded else "notifier", env, data)
     server_port = infra.free_port()
     server = infra.spawn(

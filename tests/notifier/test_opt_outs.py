@@ -27,6 +27,11 @@ def local(url: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
+def smtp_channel(server: SmtpServer, sender: str) -> dict[str, Any]:
+    settings = {"host": "127.0.0.1", "port": server.port, "tls": "none", "from": sender}
+    return {"provider": "smtp", "settings": settings}
+
+
 async def post_raw(n: Notifier, url: str, body: bytes, headers: dict[str, str]) -> Any:
     return await n.client.post(local(url), content=body, headers=headers)
 
@@ -38,18 +43,7 @@ async def test_one_click_unsubscribe_stops_marketing_email_and_nothing_else(
         SmtpServer("plain") as smtp,
         running_notifier(settings, public_url=PUBLIC) as n,
     ):
-        await n.channel(
-            "email",
-            {
-                "provider": "smtp",
-                "settings": {
-                    "host": "127.0.0.1",
-                    "port": smtp.port,
-                    "tls": "none",
-                    "from": "惠投小店 <news@shop.example>",
-                },
-            },
-        )
+        await n.channel("email", smtp_channel(smtp, "惠投小店 <news@shop.example>"))
         await n.template("promo", "email", "新品上市。不想再收到？{{ unsubscribe_url }}")
         await n.template("shipped", "email", "您的订单{{ order.id }}已发货")
         r = await n.call("PUT", "/v1/consent/c-1", json={"email": True})
@@ -102,18 +96,7 @@ async def test_a_hard_bounce_stops_every_message_to_the_address(settings: Settin
         SmtpServer("plain", script=script) as smtp,
         running_notifier(settings, public_url=PUBLIC) as n,
     ):
-        await n.channel(
-            "email",
-            {
-                "provider": "smtp",
-                "settings": {
-                    "host": "127.0.0.1",
-                    "port": smtp.port,
-                    "tls": "none",
-                    "from": "news@shop.example",
-                },
-            },
-        )
+        await n.channel("email", smtp_channel(smtp, "news@shop.example"))
         await n.template("shipped", "email", "您的订单{{ order.id }}已发货")
         first = await n.request("b1", channel="email", template="shipped", to=gone)
         failed = await n.settled(first, "failed")
