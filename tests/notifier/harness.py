@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -155,12 +156,31 @@ class Notifier:
         return [h["status"] for h in message["status_history"]]
 
 
+SHARED: dict[str, Any] = {
+    "public_url": "https://crm.example.com",
+    "notifier_retry_base_s": 0.2,
+    "notifier_reconcile_after_s": 2,
+}
+"""The shared app's settings: links on a public URL of their own, and retries and
+reconciliations in fractions of the defaults (the same code paths)."""
+
+
+@dataclass
+class NotifierApp:
+    client: httpx.AsyncClient
+    runtime: Any
+    settings: Settings
+
+    async def new_shop(self) -> Notifier:
+        """A shop of its own on the shared app (tests never see each other's data)."""
+        notifier = Notifier(self.client, self.runtime, self.settings)
+        await notifier.register()
+        return notifier
+
+
 @asynccontextmanager
-async def running_notifier(settings: Settings, **overrides: Any) -> AsyncIterator[Notifier]:
-    """The notifier service in this process, with a registered shop of its own."""
-    settings = settings.model_copy(update=overrides)
+async def serving_notifier(settings: Settings) -> AsyncIterator[NotifierApp]:
+    """The notifier service in this process, on the mode's bus and database."""
     app = build_app(settings, [SPEC])
     async with serving(app) as client:
-        notifier = Notifier(client, app.state.runtime, settings)
-        await notifier.register()
-        yield notifier
+        yield NotifierApp(client, app.state.runtime, settings)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from libs.common.settings import Settings
 from tests.notifier.aliyun_server import AliyunServer
-from tests.notifier.harness import Notifier, running_notifier
+from tests.notifier.harness import Notifier
 from tests.notifier.tencent_server import TencentServer
 
 ALIYUN = {"access_key_id": "LTAI5tTestKeyId", "access_key_secret": "test-secret-of-the-key"}
@@ -20,8 +19,6 @@ TENCENT = {
     "sdk_app_id": "1400006666",
 }
 PHONE = "+8613800138000"
-FAST = {"notifier_retry_base_s": 0.2, "notifier_reconcile_after_s": 2}
-"""Retries and reconciliations in fractions of the defaults (the same code paths)."""
 
 
 def aliyun_server() -> AliyunServer:
@@ -49,8 +46,8 @@ async def welcome_template(n: Notifier) -> None:
     )
 
 
-async def test_provider_500s_then_recovery_send_once(settings: Settings) -> None:
-    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+async def test_provider_500s_then_recovery_send_once(n: Notifier) -> None:
+    async with aliyun_server() as aliyun:
         await n.channel("sms", aliyun_channel(aliyun))
         await welcome_template(n)
         aliyun.fail_next(2, status=500)
@@ -70,13 +67,12 @@ async def test_provider_500s_then_recovery_send_once(settings: Settings) -> None
         assert sent["provider_message_id"] == aliyun.sent[0].biz_id
 
 
-async def test_a_failing_provider_fails_over_to_the_fallback(settings: Settings) -> None:
+async def test_a_failing_provider_fails_over_to_the_fallback(n: Notifier) -> None:
     async with (
         aliyun_server() as aliyun,
         TencentServer(
             TENCENT["secret_id"], TENCENT["secret_key"], TENCENT["sdk_app_id"], sign_names=("惠投",)
         ) as tencent,
-        running_notifier(settings, **FAST) as n,
     ):
         await n.channel(
             "sms",
@@ -97,8 +93,8 @@ async def test_a_failing_provider_fails_over_to_the_fallback(settings: Settings)
         assert "queued" in n.history(sent)[1:], "handed over as a new send on the fallback"
 
 
-async def test_a_lost_answer_is_reconciled_not_sent_again(settings: Settings) -> None:
-    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+async def test_a_lost_answer_is_reconciled_not_sent_again(n: Notifier) -> None:
+    async with aliyun_server() as aliyun:
         await n.channel("sms", aliyun_channel(aliyun))
         await welcome_template(n)
         aliyun.drop_next(1)  # Aliyun takes the message, the answer never arrives
@@ -111,10 +107,10 @@ async def test_a_lost_answer_is_reconciled_not_sent_again(settings: Settings) ->
         assert n.history(sent) == ["queued", "sending", "sent"]
 
 
-async def test_a_burst_with_failures_among_it_sends_each_once(settings: Settings) -> None:
+async def test_a_burst_with_failures_among_it_sends_each_once(n: Notifier) -> None:
     """Outcomes are recorded many per transaction: sent, retried and their history
     side by side in one batch, each message still sent exactly once."""
-    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+    async with aliyun_server() as aliyun:
         await n.channel("sms", aliyun_channel(aliyun))
         await welcome_template(n)
         aliyun.fail_next(5, status=500)
@@ -131,11 +127,11 @@ async def test_a_burst_with_failures_among_it_sends_each_once(settings: Settings
         assert all(h[-1] == "sent" and h.count("sent") == 1 for h in histories)
 
 
-async def test_the_shops_rate_limit_spaces_its_sends(settings: Settings) -> None:
+async def test_the_shops_rate_limit_spaces_its_sends(n: Notifier) -> None:
     """A token bucket of burst 2 refilled at 4 a second: ten messages requested at once
     reach the provider over at least two seconds (the first two at once, then one every
     quarter second), each once. Only a lower bound: a slower machine spaces them more."""
-    async with aliyun_server() as aliyun, running_notifier(settings, **FAST) as n:
+    async with aliyun_server() as aliyun:
         await n.channel("sms", aliyun_channel(aliyun))
         await welcome_template(n)
         policy = {"rate_limits": {"aliyun": {"per_second": 4, "burst": 2}}}

@@ -10,13 +10,12 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from libs.common.settings import Settings
 from tests.notifier.aliyun_server import AliyunServer
-from tests.notifier.harness import Notifier, running_notifier
+from tests.notifier.harness import SHARED, Notifier
 from tests.notifier.smtp_server import Script, SmtpServer
 from tests.notifier.twilio_server import TwilioServer
 
-PUBLIC = "https://crm.example.com"
+PUBLIC = SHARED["public_url"]
 """`HUITOU_PUBLIC_URL`: where recipients and providers reach the platform."""
 
 
@@ -36,13 +35,8 @@ async def post_raw(n: Notifier, url: str, body: bytes, headers: dict[str, str]) 
     return await n.client.post(local(url), content=body, headers=headers)
 
 
-async def test_one_click_unsubscribe_stops_marketing_email_and_nothing_else(
-    settings: Settings,
-) -> None:
-    async with (
-        SmtpServer("plain") as smtp,
-        running_notifier(settings, public_url=PUBLIC) as n,
-    ):
+async def test_one_click_unsubscribe_stops_marketing_email_and_nothing_else(n: Notifier) -> None:
+    async with SmtpServer("plain") as smtp:
         await n.channel("email", smtp_channel(smtp, "惠投小店 <news@shop.example>"))
         await n.template("promo", "email", "新品上市。不想再收到？{{ unsubscribe_url }}")
         await n.template("shipped", "email", "您的订单{{ order.id }}已发货")
@@ -89,13 +83,10 @@ async def test_one_click_unsubscribe_stops_marketing_email_and_nothing_else(
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
-async def test_a_hard_bounce_stops_every_message_to_the_address(settings: Settings) -> None:
+async def test_a_hard_bounce_stops_every_message_to_the_address(n: Notifier) -> None:
     gone = "gone@example.com"
     script = Script(refuse_recipients={gone: "550 5.1.1 mailbox unavailable"})
-    async with (
-        SmtpServer("plain", script=script) as smtp,
-        running_notifier(settings, public_url=PUBLIC) as n,
-    ):
+    async with SmtpServer("plain", script=script) as smtp:
         await n.channel("email", smtp_channel(smtp, "news@shop.example"))
         await n.template("shipped", "email", "您的订单{{ order.id }}已发货")
         first = await n.request("b1", channel="email", template="shipped", to=gone)
@@ -113,12 +104,9 @@ ALIYUN_KEY_ID = "LTAI5tTestKeyId"
 ALIYUN_SECRET = "test-secret-of-the-key"
 
 
-async def test_aliyun_receipts_and_a_reply_of_td(settings: Settings) -> None:
+async def test_aliyun_receipts_and_a_reply_of_td(n: Notifier) -> None:
     templates = {"SMS_200000002": "欢迎回来"}
-    async with (
-        AliyunServer(ALIYUN_KEY_ID, ALIYUN_SECRET, templates=templates) as aliyun,
-        running_notifier(settings, public_url=PUBLIC) as n,
-    ):
+    async with AliyunServer(ALIYUN_KEY_ID, ALIYUN_SECRET, templates=templates) as aliyun:
         channel = await n.channel(
             "sms",
             {
@@ -199,11 +187,8 @@ TWILIO_TOKEN = "0f" * 16
 TWILIO_FROM = "+15017122661"
 
 
-async def test_twilio_signed_status_callback_and_stop(settings: Settings) -> None:
-    async with (
-        TwilioServer(TWILIO_SID, TWILIO_TOKEN, numbers={TWILIO_FROM}) as twilio,
-        running_notifier(settings, public_url=PUBLIC) as n,
-    ):
+async def test_twilio_signed_status_callback_and_stop(n: Notifier) -> None:
+    async with TwilioServer(TWILIO_SID, TWILIO_TOKEN, numbers={TWILIO_FROM}) as twilio:
         await n.channel(
             "sms",
             {

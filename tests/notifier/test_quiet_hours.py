@@ -9,12 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from libs.common.db import Database
-from libs.common.settings import Settings
 from libs.common.timers import TimerWorker
 from services.notifier.intake import SEND_TIMER, accept
 from services.notifier.registry import adapters
 from services.notifier.sending import RECONCILE_TIMER, Sending
-from tests.notifier.harness import running_notifier
+from tests.notifier.harness import Notifier
 
 
 class Clock:
@@ -25,79 +24,75 @@ class Clock:
         return self.now
 
 
-async def test_marketing_waits_for_the_end_of_quiet_hours_and_then_goes(
-    settings: Settings,
-) -> None:
-    async with running_notifier(settings) as n:
-        await n.template("promo", "sms", "上新啦，全场八折")
-        r = await n.call("PUT", "/v1/consent/c-1", json={"sms": True})
-        assert r.status_code == 200
-        clock = Clock(datetime(2026, 12, 4, 14, 30, tzinfo=UTC))  # 22:30 in Shanghai
-        db = Database(settings.database_url_for("notifier"), "notifier")
-        sending = Sending(
-            db,
-            adapters(),
-            namespace=settings.topic_namespace,
-            public_base="https://crm.example.com",
-            clock=clock,
-        )
-        worker = TimerWorker(
-            db,
-            "notifier",
-            {SEND_TIMER: sending.fire_sends, RECONCILE_TIMER: sending.fire_reconciles},
-            clock=clock,
-            lanes=[[SEND_TIMER, RECONCILE_TIMER]],  # the service's other timers are not ours
-        )
-        phone = "+8613800138000"
-        requests = {
-            "promo": n.requested(
-                "q1", channel="sms", template="promo", to=phone, category="marketing"
-            ),
-            "notice": n.requested("q2", channel="sms", template="promo", to=phone),
-            "london": n.requested(
-                "q3",
-                channel="sms",
-                template="promo",
-                to="+447700900123",
-                category="marketing",
-                timezone="Europe/London",  # 14:30 there
-            ),
-        }
-        ids = {name: n.message_id(f"q{i}") for i, name in enumerate(requests, 1)}
+async def test_marketing_waits_for_the_end_of_quiet_hours_and_then_goes(n: Notifier) -> None:
+    settings = n.settings
+    await n.template("promo", "sms", "上新啦，全场八折")
+    r = await n.call("PUT", "/v1/consent/c-1", json={"sms": True})
+    assert r.status_code == 200
+    clock = Clock(datetime(2026, 12, 4, 14, 30, tzinfo=UTC))  # 22:30 in Shanghai
+    db = Database(settings.database_url_for("notifier"), "notifier")
+    sending = Sending(
+        db,
+        adapters(),
+        namespace=settings.topic_namespace,
+        public_base="https://crm.example.com",
+        clock=clock,
+    )
+    worker = TimerWorker(
+        db,
+        "notifier",
+        {SEND_TIMER: sending.fire_sends, RECONCILE_TIMER: sending.fire_reconciles},
+        clock=clock,
+        lanes=[[SEND_TIMER, RECONCILE_TIMER]],  # the service's other timers are not ours
+    )
+    phone = "+8613800138000"
+    requests = {
+        "promo": n.requested("q1", channel="sms", template="promo", to=phone, category="marketing"),
+        "notice": n.requested("q2", channel="sms", template="promo", to=phone),
+        "london": n.requested(
+            "q3",
+            channel="sms",
+            template="promo",
+            to="+447700900123",
+            category="marketing",
+            timezone="Europe/London",  # 14:30 there
+        ),
+    }
+    ids = {name: n.message_id(f"q{i}") for i, name in enumerate(requests, 1)}
 
-        async def status(name: str) -> tuple[str, str | None]:
-            found = await n.message(ids[name])
-            assert found is not None
-            return found["status"], found["reason"]
+    async def status(name: str) -> tuple[str, str | None]:
+        found = await n.message(ids[name])
+        assert found is not None
+        return found["status"], found["reason"]
 
-        async def fire_at(moment: datetime) -> int:
-            clock.now = moment
-            fired = await worker.fire_due()
-            await sending.stop()  # the provider calls it started have finished
-            return fired
+    async def fire_at(moment: datetime) -> int:
+        clock.now = moment
+        fired = await worker.fire_due()
+        await sending.stop()  # the provider calls it started have finished
+        return fired
 
-        try:
-            async with db.begin() as conn:
-                await accept(
-                    conn,
-                    list(requests.values()),
-                    namespace=settings.topic_namespace,
-                    now=clock(),
-                    public_base="https://crm.example.com",
-                )
-            assert await status("promo") == ("deferred", "quiet_hours")
-            assert await fire_at(clock.now) == 2
-            assert (await status("notice"))[0] == "sent"
-            assert (await status("london"))[0] == "sent"
-            assert await status("promo") == ("deferred", "quiet_hours")
+    try:
+        async with db.begin() as conn:
+            await accept(
+                conn,
+                list(requests.values()),
+                namespace=settings.topic_namespace,
+                now=clock(),
+                public_base="https://crm.example.com",
+            )
+        assert await status("promo") == ("deferred", "quiet_hours")
+        assert await fire_at(clock.now) == 2
+        assert (await status("notice"))[0] == "sent"
+        assert (await status("london"))[0] == "sent"
+        assert await status("promo") == ("deferred", "quiet_hours")
 
-            eight = datetime(2026, 12, 5, 0, 0, tzinfo=UTC)  # 08:00 in Shanghai
-            assert await fire_at(eight - timedelta(seconds=1)) == 0
-            assert await status("promo") == ("deferred", "quiet_hours")
-            assert await fire_at(eight) == 1
-            assert (await status("promo"))[0] == "sent"
-            promo = await n.message(ids["promo"])
-            assert promo is not None
-            assert n.history(promo) == ["deferred", "sending", "sent"]
-        finally:
-            await db.dispose()
+        eight = datetime(2026, 12, 5, 0, 0, tzinfo=UTC)  # 08:00 in Shanghai
+        assert await fire_at(eight - timedelta(seconds=1)) == 0
+        assert await status("promo") == ("deferred", "quiet_hours")
+        assert await fire_at(eight) == 1
+        assert (await status("promo"))[0] == "sent"
+        promo = await n.message(ids["promo"])
+        assert promo is not None
+        assert n.history(promo) == ["deferred", "sending", "sent"]
+    finally:
+        await db.dispose()
