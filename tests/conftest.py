@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,22 +85,15 @@ async def eventually(
         await asyncio.sleep(every)
 
 
-@pytest.fixture(scope="session", params=MODES)
-async def platform(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+@asynccontextmanager
+async def running_platform(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    **extra: Any,
 ) -> AsyncIterator[Platform]:
-    """Huitou started as a user starts it: `huitou up` (embedded), or `huitou serve` per
-    service on PostgreSQL and the broker (distributed). Small consumer batches make a
-    backlog (of events or due timers) take many transactions, so a kill lands in the
-    middle of one."""
-    workdir = tmp_path_factory.mktemp(f"platform-{request.param}")
-    extra: dict[str, Any] = {
-        "consumer_batch_size": 10,
-        "timer_batch_size": 20,
-        "bus_publish_timeout_s": 2,
-        # A provider call cut off by a kill is asked about after 3 s, not a minute.
-        "notifier_reconcile_after_s": 3,
-    }
+    """A platform in `request.param`'s mode with these settings, stopped afterwards."""
+    workdir = tmp_path_factory.mktemp(f"{name}-{request.param}")
     if request.param == "embedded":
         settings = make_settings("embedded", workdir, **extra)
     else:
@@ -108,8 +102,31 @@ async def platform(
         settings = make_settings("distributed", workdir, pg=pg, bus=bus, **extra)
     started = Platform(settings, workdir)
     await started.start()
-    yield started
-    started.stop()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="session", params=MODES)
+async def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """Huitou started as a user starts it: `huitou up` (embedded), or `huitou serve` per
+    service on PostgreSQL and the broker (distributed). Small consumer batches make a
+    backlog (of events or due timers) take many transactions, so a kill lands in the
+    middle of one."""
+    async with running_platform(
+        request,
+        tmp_path_factory,
+        "platform",
+        consumer_batch_size=10,
+        timer_batch_size=20,
+        bus_publish_timeout_s=2,
+        # A provider call cut off by a kill is asked about after 3 s, not a minute.
+        notifier_reconcile_after_s=3,
+    ) as started:
+        yield started
 
 
 def pytest_configure(config: pytest.Config) -> None:

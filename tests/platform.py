@@ -32,7 +32,15 @@ from tests.servers import free_port, wait_for_port
 SERVICES = ("ingest", "lifecycle", "campaigns", "notifier")
 ROUTES = {
     "ingest": ("/v1/shops", "/v1/events", "/v1/webhooks", "/v1/logistics"),
-    "lifecycle": ("/v1/customers", "/v1/overview", "/v1/tags", "/v1/segments", "/v1/policy"),
+    "lifecycle": (
+        "/v1/customers",
+        "/v1/overview",
+        "/v1/tags",
+        "/v1/segments",
+        "/v1/policy",
+        "/v1/models",
+        "/v1/forecasts",
+    ),
     "campaigns": ("/v1/journeys", "/v1/playbooks", "/v1/promotions"),
     "notifier": (
         "/v1/messages",

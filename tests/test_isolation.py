@@ -265,6 +265,19 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
     ],
     # -- lifecycle: policy and overview -----------------------------------------------
     ("GET", "/v1/policy"): blind("/v1/policy"),
+    # A's fit was refused (409, with A's counts); B has none: 404, never A's answer.
+    ("GET", "/v1/models/repurchase"): [
+        Probe("/v1/models/repurchase", refused=NOT_FOUND),
+        Probe("/v1/models/repurchase", params={"shop_id": "{shop}"}, refused=frozenset({403})),
+    ],
+    ("POST", "/v1/models/repurchase/fit"): [
+        Probe(
+            "/v1/models/repurchase/fit",
+            params={"shop_id": "{shop}"},
+            json={},
+            refused=frozenset({403}),
+        )
+    ],
     ("PUT", "/v1/policy"): [
         Probe("/v1/policy", params={"shop_id": "{shop}"}, json="policy", refused=frozenset({403}))
     ],
@@ -511,6 +524,15 @@ async def _setup(platform: Platform) -> Shops:
     )
     assert r.status_code == 201, r.text
     promotion = r.json()["promotion_id"]
+    # A's repurchase model: too few customers, so a refusal with A's counts.
+    r = await platform.request("POST", "/v1/models/repurchase/fit", key=key_a, json={})
+    assert r.status_code == 202, r.text
+
+    async def a_model() -> bool:
+        r = await platform.request("GET", "/v1/models/repurchase", key=key_a)
+        return r.status_code == 409
+
+    await until(a_model)
     r = await platform.request("GET", "/v1/policy", key=key_a)
     policy = r.json()
     policy["levels"][0]["name"] = "A-GOLD"
@@ -614,6 +636,8 @@ async def _snapshot(platform: Platform, shops: Shops) -> dict[str, Any]:
         r = await platform.request("GET", path, key=key, params=params)
         assert r.status_code == 200, (path, r.text)
         found[name] = r.json()
+    r = await platform.request("GET", "/v1/models/repurchase", key=shops.keys["a"])
+    found["model"] = (r.status_code, r.json())  # a refit would change its attempted_at
     return found
 
 

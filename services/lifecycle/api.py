@@ -20,7 +20,14 @@ from services.lifecycle import queries, tagging
 from services.lifecycle.derivation import restage_shop_timer
 from services.lifecycle.models import customer_notes, customer_tags, customers, segments, tags
 from services.lifecycle.policies import load_policies, save_policy
-from services.lifecycle.rules import AMOUNT_MAX, RECENCY_DAYS_MAX, dump_rule, parse_rule, to_sql
+from services.lifecycle.rules import (
+    AMOUNT_MAX,
+    EXPECTED_PURCHASES_MAX,
+    RECENCY_DAYS_MAX,
+    dump_rule,
+    parse_rule,
+    to_sql,
+)
 from services.lifecycle.schemas import (
     Changed,
     CopyTo,
@@ -69,6 +76,12 @@ TextQuery = Annotated[str | None, Query(max_length=200, pattern=NO_CONTROL)]
 Amount = Annotated[int | None, Query(ge=0, le=AMOUNT_MAX)]
 """A count or an amount in minor units, bounded as in rules (`rules.AMOUNT_MAX`)."""
 RecencyDays = Annotated[int | None, Query(ge=0, le=RECENCY_DAYS_MAX)]
+Probability = Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)]
+"""A bound on `p_alive` (0 to 1); customers without a prediction match no bound."""
+ExpectedPurchases = Annotated[
+    float | None, Query(ge=0, le=EXPECTED_PURCHASES_MAX, allow_inf_nan=False)
+]
+"""A bound on `expected_purchases_90d`, bounded as in rules (`rules.EXPECTED_PURCHASES_MAX`)."""
 
 
 def build_router(ctx: ServiceContext) -> APIRouter:
@@ -163,11 +176,22 @@ def build_router(ctx: ServiceContext) -> APIRouter:
         max_monetary: Amount = None,
         min_recency_days: RecencyDays = None,
         max_recency_days: RecencyDays = None,
-        sort: Annotated[str, Query(description=f"one of {list(queries.SORTS)}")] = ("customer_id"),
+        min_p_alive: Probability = None,
+        max_p_alive: Probability = None,
+        min_expected_purchases_90d: ExpectedPurchases = None,
+        max_expected_purchases_90d: ExpectedPurchases = None,
+        sort: Annotated[
+            str,
+            Query(
+                description=f"one of {list(queries.SORTS)}; by a prediction, customers "
+                "without one come last"
+            ),
+        ] = "customer_id",
         cursor: Annotated[str | None, Query(max_length=500)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> CustomerPage:
-        """Customers of the shop, filtered and sorted; follow `next_cursor`."""
+        """Customers of the shop, filtered and sorted; follow `next_cursor`. A prediction
+        bound (`min_p_alive`…) leaves out the customers without a prediction."""
         shop = principal.shop(shop_id)
         if stage is not None and stage not in STAGES:
             raise Problem(
@@ -193,6 +217,10 @@ def build_router(ctx: ServiceContext) -> APIRouter:
             max_monetary=max_monetary,
             min_recency_days=min_recency_days,
             max_recency_days=max_recency_days,
+            min_p_alive=min_p_alive,
+            max_p_alive=max_p_alive,
+            min_expected_purchases_90d=min_expected_purchases_90d,
+            max_expected_purchases_90d=max_expected_purchases_90d,
         )
         at = now()
         async with ctx.db.connect() as conn:

@@ -7,15 +7,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
 from libs.common.timers import Timer
-from services.lifecycle import migrations
+from services.lifecycle import migrations, predictions_api
 from services.lifecycle.api import build_router
 from services.lifecycle.derivation import (
     RESTAGE_SHOP_TIMER,
     RESTAGE_TIMER,
     on_restage_shop_timers,
     on_restage_timers,
+    restage_shop_timer,
 )
 from services.lifecycle.handlers import apply_events
+from services.lifecycle.repurchase import FIT_TIMER, on_fit_timers
 from services.lifecycle.tagging import TAG_REQUEST_TIMER, apply_requests, on_tag_request_timers
 
 GROUP = "lifecycle"
@@ -39,8 +41,15 @@ def build(ctx: ServiceContext) -> ServiceParts:
     async def restage_shop_due(conn: AsyncConnection, fired: list[Timer]) -> None:
         await on_restage_shop_timers(conn, fired, namespace=namespace)
 
+    async def fit_due(conn: AsyncConnection, fired: list[Timer]) -> None:
+        await on_fit_timers(
+            conn, fired, restage=lambda shop, now: restage_shop_timer(shop, "", now)
+        )
+
+    router = build_router(ctx)
+    router.include_router(predictions_api.build_router(ctx))
     return ServiceParts(
-        router=build_router(ctx),
+        router=router,
         subscriptions=[
             Subscription(
                 GROUP,
@@ -61,7 +70,10 @@ def build(ctx: ServiceContext) -> ServiceParts:
             RESTAGE_TIMER: restage_due,
             RESTAGE_SHOP_TIMER: restage_shop_due,
             TAG_REQUEST_TIMER: tag_requests_due,
+            FIT_TIMER: fit_due,
         },
+        # A fit takes seconds on a large shop: apart, it never delays a restage.
+        timer_lanes=[[FIT_TIMER]],
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from sqlalchemy import String, and_, delete, insert, select, update
@@ -35,6 +36,16 @@ from services.lifecycle.emitted import change_event, tag_event
 from services.lifecycle.models import customer_tags, customers, orders, stage_history, tags
 from services.lifecycle.orders import is_purchase, order_status, purchased_at
 from services.lifecycle.policies import load_policies
+from services.lifecycle.prediction.model import BgNbdParams
+from services.lifecycle.repurchase import (
+    Figures,
+    PurchaseDays,
+    day_number,
+    figures,
+    first_fits,
+    fitted_models,
+    shop_zones,
+)
 from services.lifecycle.rules import CustomerFacts, Rule, evaluate, parse_rule, recency_thresholds
 from services.lifecycle.stages import (
     Facts,
@@ -110,6 +121,8 @@ class _ChunkChanges:
     timers: list[Timer]
     no_timer: list[str]
     outgoing: list[Message]
+    fits: list[Timer]
+    """First repurchase fits of shops with purchases (one already pending stays)."""
 
     async def write(self, conn: AsyncConnection) -> None:
         ct = customer_tags.c
@@ -142,6 +155,7 @@ class _ChunkChanges:
                 )
             )
         await schedule(conn, self.timers)
+        await schedule(conn, self.fits, replace=False)
         await cancel(conn, self.no_timer)
         await enqueue(conn, self.outgoing)
 
@@ -175,6 +189,8 @@ async def _derive_chunk(
     live = list(current)
     shops = {shop for shop, _ in current}
     policies = await load_policies(conn, shops)
+    zones = await shop_zones(conn, shops)
+    models = await fitted_models(conn, shops)
     auto = await _auto_tags(conn, shops)
     auto_names = {(shop, t.name) for shop, ts in auto.items() for t in ts}
     held: dict[CustomerKey, set[str]] = {key: set() for key in current}
@@ -223,10 +239,18 @@ async def _derive_chunk(
     tags_removed: list[tuple[str, str, str]] = []
     timers: list[Timer] = []
     no_timer: list[str] = []
+    derived_all = {
+        key: derive(before, by_customer[key], policies[key[0]], now, zones[key[0]])
+        for key, before in current.items()
+    }
+    predicted = _figures(derived_all, models, zones, now)
+    buying_shops = {key[0] for key, d in derived_all.items() if d.purchases.count}
+    fits = first_fits(buying_shops - set(models), now)
     for key, before in current.items():
         policy = policies[key[0]]
-        derived = derive(before, by_customer[key], policy, now)
-        updates.append((key[0], key[1], *derived.columns(before, now).values()))
+        derived = derived_all[key]
+        figures = predicted.get(key)
+        updates.append((key[0], key[1], *derived.columns(before, now, figures).values()))
         if derived.stage != before.stage:
             history.append(
                 {
@@ -268,7 +292,7 @@ async def _derive_chunk(
                 )
             )
         manual = {t for t in held[key] if (key[0], t) not in auto_names}
-        facts = derived.rule_facts(before, frozenset(manual))
+        facts = derived.rule_facts(before, frozenset(manual), figures)
         thresholds: set[int] = set()
         for tag in auto[key[0]]:
             thresholds |= recency_thresholds(tag.rule)
@@ -303,7 +327,7 @@ async def _derive_chunk(
         reused(conn, "lifecycle.customers.derived", build),
         rows_params(conn, "derived", columns, updates),
     )
-    return _ChunkChanges(history, tags_added, tags_removed, timers, no_timer, outgoing)
+    return _ChunkChanges(history, tags_added, tags_removed, timers, no_timer, outgoing, fits)
 
 
 DERIVED_COLUMNS = (
@@ -320,6 +344,12 @@ DERIVED_COLUMNS = (
     "is_returning",
     "member_level",
     "stage_changed_at",
+    "purchase_days",
+    "first_purchase_day",
+    "last_purchase_day",
+    "p_alive",
+    "expected_purchases_90d",
+    "next_purchase_at",
 )
 
 
@@ -338,12 +368,13 @@ class Derived:
     stage: str
     level: str | None
     facts: Facts
+    purchases: PurchaseDays
 
     @property
     def aov(self) -> int:
         return self.monetary // self.frequency if self.frequency else 0
 
-    def columns(self, before: Any, now: datetime) -> dict[str, Any]:
+    def columns(self, before: Any, now: datetime, figures: Figures | None) -> dict[str, Any]:
         """The customer's derived columns, `DERIVED_COLUMNS` in that order."""
         return {
             "frequency": self.frequency,
@@ -359,9 +390,17 @@ class Derived:
             "is_returning": self.frequency > 1,
             "member_level": self.level,
             "stage_changed_at": now if self.stage != before.stage else before.stage_changed_at,
+            "purchase_days": self.purchases.count,
+            "first_purchase_day": self.purchases.first,
+            "last_purchase_day": self.purchases.last,
+            "p_alive": figures.p_alive if figures else None,
+            "expected_purchases_90d": figures.expected_purchases_90d if figures else None,
+            "next_purchase_at": figures.next_purchase_at if figures else None,
         }
 
-    def rule_facts(self, before: Any, manual_tags: frozenset[str]) -> CustomerFacts:
+    def rule_facts(
+        self, before: Any, manual_tags: frozenset[str], figures: Figures | None
+    ) -> CustomerFacts:
         return CustomerFacts(
             frequency=self.frequency,
             monetary_minor=self.monetary,
@@ -375,11 +414,16 @@ class Derived:
             source=before.source,
             returning=self.frequency > 1,
             tags=manual_tags,
+            p_alive=figures.p_alive if figures else None,
+            expected_purchases_90d=figures.expected_purchases_90d if figures else None,
         )
 
 
-def derive(before: Any, order_rows: list[Any], policy: StagePolicy, now: datetime) -> Derived:
-    """A customer's figures, recomputed from scratch from its orders (pure)."""
+def derive(
+    before: Any, order_rows: list[Any], policy: StagePolicy, now: datetime, zone: ZoneInfo
+) -> Derived:
+    """A customer's figures, recomputed from scratch from its orders (pure); purchase
+    days are calendar days in `zone`, the shop's time zone."""
     purchases = [r for r in order_rows if is_purchase(r)]
     placed = [purchased_at(r) for r in purchases]
     frequency = len(purchases)
@@ -398,7 +442,25 @@ def derive(before: Any, order_rows: list[Any], policy: StagePolicy, now: datetim
         stage=stage_of(facts, now, policy),
         level=member_level(monetary, frequency, policy),
         facts=facts,
+        purchases=PurchaseDays.of(purchases, zone),
     )
+
+
+def _figures(
+    derived: dict[CustomerKey, Derived],
+    models: dict[str, BgNbdParams],
+    zones: dict[str, ZoneInfo],
+    now: datetime,
+) -> dict[CustomerKey, Figures]:
+    """The figures of the customers whose shop has a fitted model, a shop at a time."""
+    found: dict[CustomerKey, Figures] = {}
+    for shop, params in models.items():
+        keys = [key for key in derived if key[0] == shop]
+        each = figures(
+            params, [derived[key].purchases for key in keys], day_number(now, zones[shop]), now
+        )
+        found.update((key, f) for key, f in zip(keys, each, strict=True) if f is not None)
+    return found
 
 
 def _next_due(

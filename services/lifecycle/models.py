@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -47,13 +48,43 @@ customers = Table(
     Column("name_at", UtcDateTime()),
     Column("phone_at", UtcDateTime()),
     Column("email_at", UtcDateTime()),
+    Column("purchase_days", Integer, nullable=False, server_default="0"),
+    Column("first_purchase_day", Integer),
+    Column("last_purchase_day", Integer),
+    Column("p_alive", Float),
+    Column("expected_purchases_90d", Float),
+    Column("next_purchase_at", UtcDateTime()),
     Index("ix_customers_shop_stage", "shop_id", "stage"),
     Index("ix_customers_shop_last_order", "shop_id", "last_order_at"),
     Index("ix_customers_shop_city", "shop_id", "city"),
     Index("ix_customers_shop_level", "shop_id", "member_level"),
+    Index("ix_customers_shop_p_alive", "shop_id", "p_alive"),
+    Index("ix_customers_shop_expected", "shop_id", "expected_purchases_90d"),
 )
 """One row per customer; `merged_into` marks a profile folded into another (kept so its
-identities resolve), and merged rows are left out of every list and figure."""
+identities resolve), and merged rows are left out of every list and figure.
+
+`purchase_days`, `first_purchase_day` and `last_purchase_day` summarise its purchases for the
+repurchase model (calendar days in the shop's time zone, counted from 1970-01-01; an order
+refunded in full is no purchase); `p_alive`, `expected_purchases_90d` and
+`next_purchase_at` are its figures under the shop's current model (null without one)."""
+
+repurchase_models = Table(
+    "repurchase_models",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("params", Text),
+    Column("spend", Text),
+    Column("customers", Integer, nullable=False, server_default="0"),
+    Column("repeat_buyers", Integer, nullable=False, server_default="0"),
+    Column("log_likelihood", Float),
+    Column("calibration_end", UtcDateTime(), nullable=False),
+    Column("fitted_at", UtcDateTime(), nullable=False),
+)
+"""Each shop's latest repurchase fit: `status` `fitted` with `params` (BG/NBD, JSON) and
+`spend` (Gamma-Gamma, JSON, or its refusal), or `refused` with the `reason`."""
 
 orders = Table(
     "orders",

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from sqlalchemy import BigInteger, Select, String, Subquery, and_, case, func, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Select,
+    String,
+    Subquery,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -26,19 +39,45 @@ from services.lifecycle.models import (
     stage_history,
 )
 from services.lifecycle.rules import recency_between
-from services.lifecycle.schemas import CustomerOut, Figures, OrderOut, Rfm, TimelineEntry
+from services.lifecycle.schemas import (
+    CustomerOut,
+    Figures,
+    OrderOut,
+    Prediction,
+    Rfm,
+    TimelineEntry,
+)
 from services.lifecycle.stages import STAGES, StagePolicy
 
 c = customers.c
 
-SORTS: dict[str, tuple[Any, bool]] = {
-    "customer_id": (c.customer_id, False),
-    "monetary": (c.monetary_minor, False),
-    "-monetary": (c.monetary_minor, True),
-    "frequency": (c.frequency, False),
-    "-frequency": (c.frequency, True),
-    "aov": (c.aov_minor, False),
-    "-aov": (c.aov_minor, True),
+
+@dataclass(frozen=True)
+class Sort:
+    """An order of the customer list: by `column` (then by id), and what a cursor carries.
+
+    `kind` `id`: the id alone; `int`: a NOT NULL integer column, the cursor's value a 64-bit
+    integer; `float`: a nullable double column (a prediction), the cursor's value a finite
+    number or null. Customers with a null value come last in both directions (by id), so
+    a list sorted by a prediction shows the customers without one after all the others."""
+
+    column: Any
+    descending: bool
+    kind: Literal["id", "int", "float"]
+
+
+SORTS: dict[str, Sort] = {
+    "customer_id": Sort(c.customer_id, False, "id"),
+    "monetary": Sort(c.monetary_minor, False, "int"),
+    "-monetary": Sort(c.monetary_minor, True, "int"),
+    "frequency": Sort(c.frequency, False, "int"),
+    "-frequency": Sort(c.frequency, True, "int"),
+    "aov": Sort(c.aov_minor, False, "int"),
+    "-aov": Sort(c.aov_minor, True, "int"),
+    "p_alive": Sort(c.p_alive, False, "float"),
+    "-p_alive": Sort(c.p_alive, True, "float"),
+    "expected_purchases_90d": Sort(c.expected_purchases_90d, False, "float"),
+    "-expected_purchases_90d": Sort(c.expected_purchases_90d, True, "float"),
 }
 
 
@@ -46,6 +85,18 @@ def _money(amount: int | None, currency: str | None) -> Money | None:
     if amount is None or currency is None:
         return None
     return Money(amount_minor=amount, currency=currency)
+
+
+def prediction_out(row: Any) -> Prediction | None:
+    """The customer's figures under the shop's repurchase model, exactly as stored (so
+    they agree with the list filters and rules that compare them); None without a model."""
+    if row.p_alive is None or row.expected_purchases_90d is None:
+        return None
+    return Prediction(
+        p_alive=row.p_alive,
+        expected_purchases_90d=row.expected_purchases_90d,
+        next_purchase_at=row.next_purchase_at,
+    )
 
 
 def customer_out(
@@ -78,6 +129,7 @@ def customer_out(
         province=row.province,
         city=row.city,
         source=row.source,
+        prediction=prediction_out(row),
         orders=[order_out(o, (tracking or {}).get(o.order_id, [])) for o in order_rows],
     )
 
@@ -166,6 +218,10 @@ class ListFilter:
     max_monetary: int | None = None
     min_recency_days: int | None = None
     max_recency_days: int | None = None
+    min_p_alive: float | None = None
+    max_p_alive: float | None = None
+    min_expected_purchases_90d: float | None = None
+    max_expected_purchases_90d: float | None = None
 
     def where(self, shop_id: str, now: datetime) -> list[ColumnElement[bool]]:
         conditions: list[ColumnElement[bool]] = [c.shop_id == shop_id, c.merged_into.is_(None)]
@@ -206,6 +262,20 @@ class ListFilter:
                 conditions.append(column <= literal(high, BigInteger()))
         if self.min_recency_days is not None or self.max_recency_days is not None:
             conditions.append(recency_between(self.min_recency_days, self.max_recency_days, now))
+        for column, low_f, high_f in (
+            (c.p_alive, self.min_p_alive, self.max_p_alive),
+            (
+                c.expected_purchases_90d,
+                self.min_expected_purchases_90d,
+                self.max_expected_purchases_90d,
+            ),
+        ):
+            # Compared as doubles, exactly as stored; a customer without a prediction (null)
+            # matches no bound.
+            if low_f is not None:
+                conditions.append(column >= literal(float(low_f), Float()))
+            if high_f is not None:
+                conditions.append(column <= literal(float(high_f), Float()))
         return conditions
 
 
@@ -213,16 +283,23 @@ def _cursor_encode(value: Any, customer_id: str) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([value, customer_id])).decode()
 
 
-def _cursor_decode(cursor: str, numeric: bool) -> tuple[Any, str]:
+def _cursor_decode(cursor: str, kind: Literal["id", "int", "float"]) -> tuple[Any, str]:
     """The sort value and customer id a cursor carries; 422 unless they are what
-    `_cursor_encode` writes for this sort (a 64-bit integer for the numeric sorts; an id
-    the database can bind), so a forged cursor cannot reach the database as a bad value."""
+    `_cursor_encode` writes for this sort (a 64-bit integer for the integer sorts; a finite
+    number, as a float, or null for the prediction sorts; an id the database can bind), so
+    a forged cursor cannot reach the database as a bad value."""
     try:
         value, customer_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
         if not isinstance(customer_id, str) or "\x00" in customer_id:
             raise ValueError("customer id")
-        if numeric and (type(value) is not int or not -(2**63) <= value < 2**63):
+        if kind == "int" and (type(value) is not int or not -(2**63) <= value < 2**63):
             raise ValueError("sort value")
+        if kind == "float" and value is not None:
+            if type(value) not in (int, float):  # not a bool, string, list…
+                raise ValueError("sort value")
+            value = float(value)  # OverflowError past the doubles
+            if not math.isfinite(value):
+                raise ValueError("sort value")
         return value, customer_id
     except Exception:
         raise Problem(
@@ -242,18 +319,30 @@ async def page(
     limit: int,
     now: datetime,
 ) -> tuple[list[CustomerOut], str | None]:
-    """A keyset-paginated page of `query` (a select of customers) in `sort` order."""
-    column, descending = SORTS[sort]
+    """A keyset-paginated page of `query` (a select of customers) in `sort` order (then
+    by id; for the prediction sorts, customers without one last, by id)."""
+    by = SORTS[sort]
+    column, descending = by.column, by.descending
     if cursor:
-        value, after = _cursor_decode(cursor, numeric=column is not c.customer_id)
-        if column is c.customer_id:
+        value, after = _cursor_decode(cursor, by.kind)
+        if by.kind == "id":
             query = query.where(c.customer_id > after)
-        else:
+        elif by.kind == "int":
             key = literal(value, BigInteger())  # any 64-bit value, even past int32 `frequency`
             beyond = column < key if descending else column > key
             query = query.where(or_(beyond, and_(column == key, c.customer_id > after)))
+        elif value is None:  # past a customer without a value: the rest of those, by id
+            query = query.where(column.is_(None), c.customer_id > after)
+        else:  # past a value: the values beyond it, then every customer without one
+            key = literal(value, Float())
+            beyond = column < key if descending else column > key
+            query = query.where(
+                or_(beyond, and_(column == key, c.customer_id > after), column.is_(None))
+            )
     order = column.desc() if descending else column.asc()
-    ordering = [c.customer_id] if column is c.customer_id else [order, c.customer_id]
+    if by.kind == "float":
+        order = order.nulls_last()
+    ordering = [c.customer_id] if by.kind == "id" else [order, c.customer_id]
     rows = (await conn.execute(query.order_by(*ordering).limit(limit + 1))).all()
     shown = rows[:limit]
     tag_map = await _tags_of(conn, shop_id, [r.customer_id for r in shown])

@@ -11,16 +11,23 @@ A rule is JSON. The grammar (every object takes exactly the keys shown):
           | {"field": "recency_days", "op": "between", "value": [lo, hi]}   (same bounds)
           | {"field": TEXT, "op": "eq" | "ne", "value": str}
           | {"field": TEXT, "op": "in" | "not_in", "value": [str, ...]}   (at least one)
-          | {"field": TEXT | "recency_days", "op": "is_null" | "not_null"}
+          | {"field": "p_alive", "op": CMP, "value": number}        0 <= value <= 1
+          | {"field": "p_alive", "op": "between", "value": [lo, hi]}   (same bounds)
+          | {"field": "expected_purchases_90d", "op": CMP, "value": number}
+                                                                 0 <= value <= 10^6
+          | {"field": "expected_purchases_90d", "op": "between", "value": [lo, hi]}
+          | {"field": TEXT | "recency_days" | PREDICTION, "op": "is_null" | "not_null"}
           | {"field": "returning", "op": "eq", "value": true | false}
           | {"has_tag": str}
           | {"member_level_at_least": str}
-    AMOUNT := frequency | monetary_minor | aov_minor | item_count
-    CMP    := eq | ne | gt | gte | lt | lte
-    TEXT   := stage | member_level | city | province | source
+    AMOUNT     := frequency | monetary_minor | aov_minor | item_count
+    CMP        := eq | ne | gt | gte | lt | lte
+    TEXT       := stage | member_level | city | province | source
+    PREDICTION := p_alive | expected_purchases_90d
 
-Numbers are JSON integers (3.0, "3" and booleans are refused) within these bounds, so
-nothing an operator saves can overflow later (a date `N days` away, a 64-bit column):
+Numbers of `AMOUNT` and `recency_days` are JSON integers (3.0, "3" and booleans are refused)
+within these bounds, so nothing an operator saves can overflow later (a date `N days` away,
+a 64-bit column):
 - counts and money (`AMOUNT`: purchases, items, minor units of net spend and of the average
   order): 0 to `AMOUNT_MAX` (10^15, ten trillion yuan in fen, and below 2^53 so every
   JSON parser reads it exactly). None of them is ever negative, so a negative bound could
@@ -31,6 +38,18 @@ nothing an operator saves can overflow later (a date `N days` away, a 64-bit col
 Rules stored before these bounds existed may hold any signed 64-bit integer: `parse_rule`
 reads them (`bounded=True` is what the API asks for), and evaluation, SQL and
 `recency_thresholds` never raise on them (see below).
+
+The `PREDICTION` fields are the customer's figures under the shop's repurchase model
+(BG/NBD): `p_alive`, the probability that it is still a customer, and
+`expected_purchases_90d`, the purchase days expected in the next 90 days (see
+`models.customers`). Their values are any finite JSON numbers, integers or not (booleans,
+strings, NaN and infinities are refused), read as floats (`1` reads back as `1.0`) and
+compared exactly with the stored double: `p_alive` within 0..1, `expected_purchases_90d`
+within 0..`EXPECTED_PURCHASES_MAX` (10^6). These bounds hold for stored rules too (the
+fields are newer than the bounds, so no rule was ever saved without them). In SQL a
+comparison is `column IS NOT NULL AND column op value`, the value bound as a double, which
+both databases compare exactly as Python does, given finite stored figures (the model
+writes no NaN: PostgreSQL orders NaN above every number, Python compares it false).
 
 Text matches exactly (case-sensitive); `stage` values must be one of `stages.STAGES`. A rule
 nests at most `MAX_DEPTH` (8) deep, counting the leaf, and has at most `MAX_NODES` (100)
@@ -44,6 +63,8 @@ Null semantics, identical in Python and SQL: every comparison on a missing value
 `city ne "X"`); `member_level_at_least` is false without a level, and false for everyone if
 the named level is not in the level order. Only `is_null`/`not_null` look at missingness.
 Each leaf is two-valued, so `not` is plain negation: `not` of a false comparison is true.
+A customer has no prediction (both `PREDICTION` fields null) until its shop has a fitted
+model, so until then every comparison on them is false and `is_null` true.
 
 Recency: `recency_days` is the number of whole days (24 hours of elapsed time, zone-free)
 since the last purchase, floor((now - last_order_at) / 1 day): 0 during the first 24 hours,
@@ -58,7 +79,9 @@ it stands for. `recency_thresholds` lists the N at which a rule's truth can chan
 alone: the instants `last_order_at + N days`, for |N| <= RECENCY_DAYS_MAX + 1 (farther ones,
 only in rules stored before the bounds, are a century or more away and left out). (The
 `stage` field also moves with time, through the stage timers; rules over it are re-evaluated
-when the stage changes.)
+when the stage changes. The `PREDICTION` fields change when the shop's model is refitted, not
+with time alone: they have no thresholds here, and rules over them are re-evaluated when a
+customer's figures are rewritten.)
 """
 
 from __future__ import annotations
@@ -68,7 +91,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, Self, TypeAlias, assert_never, get_args
+from typing import Annotated, Any, Literal, Self, TypeAlias, TypeVar, assert_never, get_args
 
 from pydantic import (
     AfterValidator,
@@ -90,6 +113,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Float,
     and_,
     exists,
     false,
@@ -110,17 +134,36 @@ AMOUNT_MAX = 10**15
 """Largest count or amount of money (minor units) a rule may compare with (0 the least)."""
 RECENCY_DAYS_MAX = 36_500
 """Largest |recency_days| a rule may compare with: a century."""
+EXPECTED_PURCHASES_MAX = 1_000_000
+"""Largest `expected_purchases_90d` a rule (or a list filter) may compare with (0 the
+least): far above any real figure (at most about 90 purchase days in 90 days), small
+enough for every number up to it to be exact in a double."""
 
 AmountField = Literal["frequency", "monetary_minor", "aov_minor", "item_count"]
 NumericField = Literal["frequency", "monetary_minor", "aov_minor", "item_count", "recency_days"]
+PredictionField = Literal["p_alive", "expected_purchases_90d"]
 TextField = Literal["stage", "member_level", "city", "province", "source"]
 PlainTextField = Literal["member_level", "city", "province", "source"]
-NullableField = Literal["stage", "member_level", "city", "province", "source", "recency_days"]
+NullableField = Literal[
+    "stage",
+    "member_level",
+    "city",
+    "province",
+    "source",
+    "recency_days",
+    "p_alive",
+    "expected_purchases_90d",
+]
 CompareOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]
 
 NUMERIC_FIELDS: frozenset[str] = frozenset(get_args(NumericField))
 TEXT_FIELDS: frozenset[str] = frozenset(get_args(TextField))
-ALL_FIELDS: tuple[str, ...] = (*get_args(NumericField), *get_args(TextField), "returning")
+ALL_FIELDS: tuple[str, ...] = (
+    *get_args(NumericField),
+    *get_args(PredictionField),
+    *get_args(TextField),
+    "returning",
+)
 _COMPARE_OPS: frozenset[str] = frozenset(get_args(CompareOp))
 _NULL_OPS = frozenset({"is_null", "not_null"})
 
@@ -170,7 +213,10 @@ def _known_field(value: Any) -> Any:
 
 def _numeric_op(value: Any) -> Any:
     if not isinstance(value, str) or value not in _COMPARE_OPS:
-        ops = "eq, ne, gt, gte, lt, lte, between (and is_null, not_null for recency_days)"
+        ops = (
+            "eq, ne, gt, gte, lt, lte, between (and is_null, not_null for recency_days, "
+            "p_alive, expected_purchases_90d)"
+        )
         raise _error("rule_op", op=value, ops=ops)
     return value
 
@@ -211,6 +257,12 @@ RecencyDays = Annotated[
     Field(ge=-RECENCY_DAYS_MAX, le=RECENCY_DAYS_MAX),
     WrapValidator(_bounded_unless_stored),
 ]
+Probability = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
+"""A `p_alive` bound: a finite JSON number (integer or not) in 0..1, read as a float."""
+ExpectedPurchases = Annotated[
+    float, Strict(), Field(ge=0, le=EXPECTED_PURCHASES_MAX, allow_inf_nan=False)
+]
+"""An `expected_purchases_90d` bound: a finite JSON number in 0..EXPECTED_PURCHASES_MAX."""
 _NO_NUL = {"pattern": "^[^\\u0000]*$"}  # in the JSON schema; `_storable` checks it
 Text = Annotated[
     str, Strict(), Field(max_length=200, json_schema_extra=_NO_NUL), AfterValidator(_storable)
@@ -259,7 +311,10 @@ class Not(_Combinator):
     not_: Rule = Field(alias="not")
 
 
-def _ordered(value: tuple[int, int]) -> tuple[int, int]:
+_N = TypeVar("_N", int, float)
+
+
+def _ordered(value: tuple[_N, _N]) -> tuple[_N, _N]:
     if value[0] > value[1]:
         raise _error("rule_bounds")
     return value
@@ -287,6 +342,30 @@ class RecencyBetween(_Node):
     field: Literal["recency_days"]
     op: Literal["between"]
     value: Annotated[tuple[RecencyDays, RecencyDays], AfterValidator(_ordered)]
+
+
+class PAliveCompare(_Node):
+    field: Literal["p_alive"]
+    op: Annotated[CompareOp, BeforeValidator(_numeric_op)]
+    value: Probability
+
+
+class PAliveBetween(_Node):
+    field: Literal["p_alive"]
+    op: Literal["between"]
+    value: Annotated[tuple[Probability, Probability], AfterValidator(_ordered)]
+
+
+class ExpectedPurchasesCompare(_Node):
+    field: Literal["expected_purchases_90d"]
+    op: Annotated[CompareOp, BeforeValidator(_numeric_op)]
+    value: ExpectedPurchases
+
+
+class ExpectedPurchasesBetween(_Node):
+    field: Literal["expected_purchases_90d"]
+    op: Literal["between"]
+    value: Annotated[tuple[ExpectedPurchases, ExpectedPurchases], AfterValidator(_ordered)]
 
 
 class TextCompare(_Node):
@@ -368,6 +447,14 @@ def _rule_kind(value: Any) -> str | None:
         if op in _NULL_OPS:
             return "NullCheck"
         return "RecencyBetween" if op == "between" else "RecencyCompare"
+    if field == "p_alive":
+        if op in _NULL_OPS:
+            return "NullCheck"
+        return "PAliveBetween" if op == "between" else "PAliveCompare"
+    if field == "expected_purchases_90d":
+        if op in _NULL_OPS:
+            return "NullCheck"
+        return "ExpectedPurchasesBetween" if op == "between" else "ExpectedPurchasesCompare"
     if op == "between" and field in NUMERIC_FIELDS:
         return "AmountBetween"
     return "AmountCompare"  # also reports unknown fields
@@ -421,6 +508,10 @@ Rule: TypeAlias = Annotated[
     | Annotated[AmountBetween, Tag("AmountBetween")]
     | Annotated[RecencyCompare, Tag("RecencyCompare")]
     | Annotated[RecencyBetween, Tag("RecencyBetween")]
+    | Annotated[PAliveCompare, Tag("PAliveCompare")]
+    | Annotated[PAliveBetween, Tag("PAliveBetween")]
+    | Annotated[ExpectedPurchasesCompare, Tag("ExpectedPurchasesCompare")]
+    | Annotated[ExpectedPurchasesBetween, Tag("ExpectedPurchasesBetween")]
     | Annotated[TextCompare, Tag("TextCompare")]
     | Annotated[TextIn, Tag("TextIn")]
     | Annotated[StageCompare, Tag("StageCompare")]
@@ -448,6 +539,10 @@ _TAGS = frozenset(
         "AmountBetween",
         "RecencyCompare",
         "RecencyBetween",
+        "PAliveCompare",
+        "PAliveBetween",
+        "ExpectedPurchasesCompare",
+        "ExpectedPurchasesBetween",
         "TextCompare",
         "TextIn",
         "StageCompare",
@@ -545,6 +640,9 @@ class CustomerFacts:
     source: str | None
     returning: bool
     tags: frozenset[str] = frozenset()
+    p_alive: float | None = None
+    """Under the shop's repurchase model; None without one (see `models.customers`)."""
+    expected_purchases_90d: float | None = None
 
 
 def facts_from_row(row: Mapping[Any, Any], tags: Iterable[str] = ()) -> CustomerFacts:
@@ -562,6 +660,8 @@ def facts_from_row(row: Mapping[Any, Any], tags: Iterable[str] = ()) -> Customer
         source=row["source"],
         returning=bool(row["is_returning"]),
         tags=frozenset(tags),
+        p_alive=row["p_alive"],
+        expected_purchases_90d=row["expected_purchases_90d"],
     )
 
 
@@ -613,6 +713,12 @@ def evaluate(
         if isinstance(r, AmountBetween | RecencyBetween):
             x = _numeric_fact(r.field, facts, now)
             return x is not None and r.value[0] <= x <= r.value[1]
+        if isinstance(r, PAliveCompare | ExpectedPurchasesCompare):
+            y: float | None = getattr(facts, r.field)
+            return y is not None and bool(_CMP[r.op](y, r.value))
+        if isinstance(r, PAliveBetween | ExpectedPurchasesBetween):
+            y = getattr(facts, r.field)
+            return y is not None and r.value[0] <= y <= r.value[1]
         if isinstance(r, TextCompare | StageCompare):
             s: str | None = getattr(facts, r.field)
             return s is not None and (s == r.value if r.op == "eq" else s != r.value)
@@ -624,7 +730,7 @@ def evaluate(
                 facts.last_order_at is None
                 if r.field == "recency_days"
                 else getattr(facts, r.field) is None
-            )
+            )  # a text or prediction field: a fact of that name
             return missing == (r.op == "is_null")
         if isinstance(r, ReturningIs):
             return facts.returning == r.value
@@ -660,6 +766,20 @@ _TEXT_COLUMNS = {
     "province": customers.c.province,
     "source": customers.c.source,
 }
+_PREDICTION_COLUMNS = {
+    "p_alive": customers.c.p_alive,
+    "expected_purchases_90d": customers.c.expected_purchases_90d,
+}
+_NULLABLE_COLUMNS = {
+    **_TEXT_COLUMNS,
+    "recency_days": customers.c.last_order_at,
+    **_PREDICTION_COLUMNS,
+}
+
+
+def _double(value: float) -> ColumnElement[float]:
+    """A bound compared as a double with the FLOAT (double precision) columns: exact."""
+    return literal(float(value), Float())
 
 
 def _interval(op: str, value: int | tuple[int, int]) -> list[tuple[int | None, int | None]]:
@@ -738,6 +858,13 @@ def to_sql(
                     column >= literal(lo, BigInteger()), column <= literal(hi, BigInteger())
                 )
             return _CMP[r.op](column, literal(r.value, BigInteger()))  # type: ignore[no-any-return]
+        if isinstance(r, PAliveCompare | ExpectedPurchasesCompare):
+            column = _PREDICTION_COLUMNS[r.field]
+            return and_(column.is_not(None), _CMP[r.op](column, _double(r.value)))
+        if isinstance(r, PAliveBetween | ExpectedPurchasesBetween):
+            column = _PREDICTION_COLUMNS[r.field]
+            low, high = r.value
+            return and_(column.is_not(None), column >= _double(low), column <= _double(high))
         if isinstance(r, TextCompare | StageCompare):
             column = _TEXT_COLUMNS[r.field]
             match = column == r.value if r.op == "eq" else column != r.value
@@ -747,9 +874,7 @@ def to_sql(
             match = column.in_(r.value) if r.op == "in" else column.not_in(r.value)
             return and_(column.is_not(None), match)
         if isinstance(r, NullCheck):
-            column = (
-                customers.c.last_order_at if r.field == "recency_days" else _TEXT_COLUMNS[r.field]
-            )
+            column = _NULLABLE_COLUMNS[r.field]
             return column.is_(None) if r.op == "is_null" else column.is_not(None)
         if isinstance(r, ReturningIs):
             return customers.c.is_returning.is_(true() if r.value else false())

@@ -57,6 +57,18 @@ class Rfm(BaseModel):
     item_count: int = 0
 
 
+class Prediction(BaseModel):
+    """The customer's figures under the shop's repurchase model (BG/NBD), as stored."""
+
+    p_alive: float = Field(description="probability (0 to 1) that the customer is still a customer")
+    expected_purchases_90d: float = Field(
+        description="purchase days expected in the next 90 days (0 or more)"
+    )
+    next_purchase_at: datetime | None = Field(
+        description="the likely time of the next purchase, if the model expects one"
+    )
+
+
 class CustomerOut(BaseModel):
     shop_id: str
     customer_id: str
@@ -71,6 +83,10 @@ class CustomerOut(BaseModel):
     province: str | None = None
     city: str | None = None
     source: str | None = None
+    prediction: Prediction | None = Field(
+        default=None,
+        description="figures under the shop's repurchase model; null until it has one",
+    )
     orders: list[OrderOut] = []
 
 

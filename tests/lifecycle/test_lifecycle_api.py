@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import delete
@@ -519,7 +520,7 @@ def as_of_in_python(
             continue
         interest = max(r.created_at for r in rows)
         before = SimpleNamespace(last_interest_at=interest, currency=None, province=None, city=None)
-        d = derive(before, rows, policy, at)
+        d = derive(before, rows, policy, at, ZoneInfo("UTC"))
         people.append(
             Person(
                 d.stage,

@@ -6,6 +6,7 @@ thresholds are exactly where truth can flip."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from services.lifecycle.models import customer_tags, customers, metadata
 from services.lifecycle.rules import (
     AMOUNT_MAX,
     DEFAULT_LEVEL_ORDER,
+    EXPECTED_PURCHASES_MAX,
     RECENCY_DAYS_MAX,
     AllOf,
     CustomerFacts,
@@ -78,6 +80,34 @@ bounded_values = {
 }
 """Numbers within the bounds a new rule is held to, the bounds themselves included."""
 
+PREDICTIONS: dict[str, tuple[float, ...]] = {
+    "p_alive": (
+        0,
+        1,
+        0.0,
+        5e-324,
+        0.1 + 0.2,
+        math.nextafter(0.5, 0),
+        0.5,
+        math.nextafter(0.5, 1),
+        math.nextafter(1, 0),
+        1.0,
+    ),
+    "expected_purchases_90d": (
+        0,
+        3,
+        0.0,
+        0.1 + 0.2,
+        math.nextafter(3, 0),
+        3.0,
+        math.nextafter(3, 4),
+        90.0,
+        EXPECTED_PURCHASES_MAX,
+    ),
+}
+"""Prediction values, always within their bounds (for stored rules too): ints and floats,
+the bounds, and values a double's step either side of each other."""
+
 
 @st.composite
 def numeric_leaf(
@@ -106,9 +136,22 @@ def text_leaf(draw: st.DrawFn) -> dict[str, Any]:
     return {"field": field, "op": op, "value": draw(values)}
 
 
+@st.composite
+def prediction_leaf(draw: st.DrawFn) -> dict[str, Any]:
+    field = draw(st.sampled_from(sorted(PREDICTIONS)))
+    values = st.sampled_from(PREDICTIONS[field])
+    op = draw(st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte", "between", "is_null"]))
+    if op == "is_null":
+        return {"field": field, "op": draw(st.sampled_from(["is_null", "not_null"]))}
+    if op == "between":
+        return {"field": field, "op": op, "value": sorted([draw(values), draw(values)])}
+    return {"field": field, "op": op, "value": draw(values)}
+
+
 def leaves(values_of: dict[str, st.SearchStrategy[int]]) -> st.SearchStrategy[dict[str, Any]]:
     recency_leaf = numeric_leaf(("recency_days",), values_of)
     return st.one_of(
+        prediction_leaf(),
         recency_leaf,
         numeric_leaf(tuple(values_of), values_of),
         text_leaf(),
@@ -173,6 +216,10 @@ facts_strategy = st.builds(
     source=optional(TEXTS["source"]),
     returning=st.booleans(),
     tags=st.frozensets(st.sampled_from(TAGS), max_size=3),
+    p_alive=st.one_of(st.none(), st.sampled_from([float(v) for v in PREDICTIONS["p_alive"]])),
+    expected_purchases_90d=st.one_of(
+        st.none(), st.sampled_from([float(v) for v in PREDICTIONS["expected_purchases_90d"]])
+    ),
 )
 
 # `now` exactly NOW or a microsecond either side, in UTC or in UTC+8.
@@ -221,6 +268,8 @@ def row(shop: str, customer_id: str, f: CustomerFacts) -> dict[str, Any]:
         "province": f.province,
         "source": f.source,
         "is_returning": f.returning,
+        "p_alive": f.p_alive,
+        "expected_purchases_90d": f.expected_purchases_90d,
     }
 
 

@@ -1,0 +1,200 @@
+"""The repurchase model through the product: the CDNOW calibration replayed as orders
+through ingest, fitted on the durable timers, read back from the API."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from scipy import special
+
+from tests.conftest import MODES, running_platform
+from tests.platform import Platform, until
+
+CDNOW = Path(__file__).parent.parent / "data" / "cdnow" / "CDNOW_sample.txt"
+CALIBRATION_END = date(1997, 9, 30)
+ZONE = ZoneInfo("Asia/Shanghai")
+
+
+def calibration_purchases() -> list[tuple[str, date, int]]:
+    """(customer, day, cents) of every CDNOW sample purchase up to the calibration end."""
+    found = []
+    for line in CDNOW.read_text().splitlines():
+        _, customer, day, _, dollars = line.split()
+        when = datetime.strptime(day, "%Y%m%d").date()
+        if when <= CALIBRATION_END:
+            found.append((customer, when, round(float(dollars) * 100)))
+    return found
+
+
+def order_events(shop: str, purchases: list[tuple[str, date, int]]) -> list[dict[str, Any]]:
+    """One paid order per purchase, dated at noon in the shop's zone, shifted so that the
+    calibration end is today."""
+    shift = datetime.now(ZONE).date() - CALIBRATION_END
+    events = []
+    for n, (customer, day, cents) in enumerate(purchases):
+        placed = datetime.combine(day + shift, datetime.min.time(), ZONE).replace(hour=12)
+        stamp = placed.isoformat()
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": f"cdnow-{n}",
+                "source": f"test/{shop}",
+                "type": "order.paid",
+                "time": stamp,
+                "shop_id": shop,
+                "subject": f"c{customer}",
+                "data": {
+                    "order_id": f"o{n}",
+                    "customer": {"id": f"c{customer}"},
+                    "status": "paid",
+                    "total": {"amount_minor": cents, "currency": "CNY"},
+                    "created_at": stamp,
+                    "paid_at": stamp,
+                },
+            }
+        )
+    return events
+
+
+def summaries(purchases: list[tuple[str, date, int]]) -> dict[str, tuple[int, int, int]]:
+    """(x, t_x, T) in days per customer, counted here from the raw purchases."""
+    days: dict[str, set[date]] = defaultdict(set)
+    for customer, day, _ in purchases:
+        days[f"c{customer}"].add(day)
+    return {
+        cid: (len(d) - 1, (max(d) - min(d)).days, (CALIBRATION_END - min(d)).days)
+        for cid, d in days.items()
+    }
+
+
+def paper_figures(p: dict[str, float], x: int, t_x: int, T: int, t: float) -> tuple[float, float]:
+    """P(alive) and E[Y(t)] by the paper's equations, written out independently."""
+    r, alpha, a, b = p["r"], p["alpha"], p["a"], p["b"]
+    alive = 1.0
+    if x > 0:
+        alive = 1.0 / (1.0 + a / (b + x - 1) * ((alpha + T) / (alpha + t_x)) ** (r + x))
+    hyp = special.hyp2f1(r + x, b + x, a + b + x - 1, t / (alpha + T + t))
+    given_alive = (a + b + x - 1) / (a - 1) * (1 - ((alpha + T) / (alpha + T + t)) ** (r + x) * hyp)
+    return alive, float(given_alive * alive)
+
+
+@pytest.fixture(scope="module", params=MODES)
+async def platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """The platform with its default batch sizes (the session's platform consumes ten
+    events per transaction, and the replay is 4,900 orders)."""
+    async with running_platform(request, tmp_path_factory, "predictions") as started:
+        yield started
+
+
+async def listed(platform: Platform, key: str) -> dict[str, dict[str, Any]]:
+    items: dict[str, dict[str, Any]] = {}
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        r = await platform.request("GET", "/v1/customers", key=key, params=params)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        items.update((i["customer_id"], i) for i in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
+
+
+async def fitted(platform: Platform, key: str, status: int = 200) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+
+    async def answered() -> bool:
+        r = await platform.request("GET", "/v1/models/repurchase", key=key)
+        got.update(status=r.status_code, body=r.json())
+        return r.status_code == status
+
+    await until(answered, within=120)
+    assert got["status"] == status, got
+    body: dict[str, Any] = got["body"]
+    return body
+
+
+async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform) -> None:
+    shop = f"cdnow-{uuid.uuid4().hex[:8]}"
+    key = await platform.create_shop(shop)
+    other = await platform.create_shop(f"other-{uuid.uuid4().hex[:8]}")
+    purchases = calibration_purchases()
+    events = order_events(shop, purchases)
+    for start in range(0, len(events), 1000):
+        r = await platform.request("POST", "/v1/events", key=key, json=events[start : start + 1000])
+        assert r.status_code == 202, r.text
+    await platform.settle(("order.paid",))
+    r = await platform.request("GET", "/v1/models/repurchase", key=key)
+    assert r.status_code == 404, r.text  # the first scheduled fit is minutes away
+
+    r = await platform.request("POST", "/v1/models/repurchase/fit", key=key)
+    assert r.status_code == 202, r.text
+    model = await fitted(platform, key)
+    p = model["params"]
+    # Fader, Hardie & Lee (2005): r 0.243, α 4.414/week = 30.90/day, a 0.793, b 2.426.
+    assert [f"{p[n]:.2g}" for n in ("r", "alpha", "a", "b")] == ["0.24", "31", "0.79", "2.4"]
+    assert (model["model"], model["time_unit"], model["customers"]) == ("bg_nbd", "day", 2357)
+    # The paper's −9582.4 is in weeks: in days each repeat purchase adds ln(1/7).
+    repeats = sum(x for x, _, _ in summaries(purchases).values())
+    assert round(model["log_likelihood"] + repeats * math.log(7), 1) == -9582.4
+    assert model["spend"]["model"] == "gamma_gamma" and model["spend"]["params"]["q"] > 1
+
+    # The other shop sees no model, and the fit gave it none.
+    r = await platform.request("GET", "/v1/models/repurchase", key=other)
+    assert r.status_code == 404, r.text
+
+    expected = summaries(purchases)
+    items: dict[str, dict[str, Any]] = {}
+
+    async def all_predicted() -> bool:
+        items.update(await listed(platform, key))
+        return all(items.get(cid, {}).get("prediction") for cid in expected)
+
+    await until(all_predicted, within=120)
+    assert sorted(items) == sorted(expected)
+    for cid, (x, t_x, T) in expected.items():
+        alive, in_90 = paper_figures(p, x, t_x, T, 90.0)
+        got = items[cid]["prediction"]
+        assert math.isclose(got["p_alive"], alive, rel_tol=1e-6, abs_tol=1e-9), cid
+        assert math.isclose(got["expected_purchases_90d"], in_90, rel_tol=1e-6, abs_tol=1e-9), cid
+        assert datetime.fromisoformat(got["next_purchase_at"]) > datetime.now(UTC), cid
+
+
+async def test_a_shop_too_small_to_fit_is_told_why(platform: Platform) -> None:
+    shop = f"tiny-{uuid.uuid4().hex[:8]}"
+    key = await platform.create_shop(shop)
+    end = CALIBRATION_END  # shifted to today by `order_events`
+    purchases = [(str(c), end - timedelta(days=3 * c + d), 1000) for c in range(5) for d in (0, 9)]
+    r = await platform.request("POST", "/v1/events", key=key, json=order_events(shop, purchases))
+    assert r.status_code == 202, r.text
+    await platform.settle(("order.paid",))
+    before = await listed(platform, key)
+    assert len(before) == 5
+
+    for bad in (
+        {"as_of": (datetime.now(UTC) + timedelta(days=2)).isoformat()},
+        {"as_of": "2026-01-01T00:00:00"},  # no zone
+        {"as_of": "1999-12-31T00:00:00Z"},
+        {"as_from": "2026-01-01T00:00:00Z"},
+    ):
+        r = await platform.request("POST", "/v1/models/repurchase/fit", key=key, json=bad)
+        assert r.status_code == 422, (bad, r.text)
+
+    r = await platform.request("POST", "/v1/models/repurchase/fit", key=key, json={})
+    assert r.status_code == 202, r.text
+    problem = await fitted(platform, key, status=409)
+    assert problem["reason"].startswith("too few customers to fit: 5"), problem
+    assert problem["customers"] == 5
+    assert all(i["prediction"] is None for i in (await listed(platform, key)).values())
