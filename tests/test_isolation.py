@@ -92,6 +92,7 @@ def public(path: str) -> list[Probe]:
     return [Probe(path, refused=None, key="none"), Probe(path, refused=None)]
 
 
+WINDOW = {"from": "2030-11-11T00:00:00Z", "to": "2030-11-12T00:00:00Z"}
 SHOP_BODY = {"shop_id": "{shop}", "name": "Taken Over", "currency": "CNY"}
 JOURNEY = {
     "name": "taken over",
@@ -269,6 +270,14 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
     ("GET", "/v1/models/repurchase"): [
         Probe("/v1/models/repurchase", refused=NOT_FOUND),
         Probe("/v1/models/repurchase", params={"shop_id": "{shop}"}, refused=frozenset({403})),
+    ],
+    ("GET", "/v1/forecasts/returning-orders"): [
+        Probe("/v1/forecasts/returning-orders", params=WINDOW, refused=NOT_FOUND),
+        Probe(
+            "/v1/forecasts/returning-orders",
+            params={**WINDOW, "shop_id": "{shop}"},
+            refused=frozenset({403}),
+        ),
     ],
     ("POST", "/v1/models/repurchase/fit"): [
         Probe(

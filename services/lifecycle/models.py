@@ -86,6 +86,17 @@ repurchase_models = Table(
 """Each shop's latest repurchase fit: `status` `fitted` with `params` (BG/NBD, JSON) and
 `spend` (Gamma-Gamma, JSON, or its refusal), or `refused` with the `reason`."""
 
+returning_forecasts = Table(
+    "returning_forecasts",
+    metadata,
+    Column("shop_id", String(64), primary_key=True),
+    Column("window_from", UtcDateTime(), primary_key=True),
+    Column("window_to", UtcDateTime(), primary_key=True),
+    Column("forecast", Text, nullable=False),
+)
+"""The latest forecast of returning customers' purchases made before each window began
+(JSON), shown beside the actual count once it has."""
+
 orders = Table(
     "orders",
     metadata,

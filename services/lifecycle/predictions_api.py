@@ -1,4 +1,5 @@
-"""Repurchase model routes: read a shop's fitted model, ask for a refit."""
+"""Repurchase model routes: read a shop's fitted model, ask for a refit, forecast returning
+customers' purchases in a window."""
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -13,11 +14,14 @@ from libs.common.openapi import problem_doc
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
 from libs.common.timers import schedule
+from services.lifecycle.forecasting import NoModel, returning_purchases
 from services.lifecycle.models import repurchase_models
 from services.lifecycle.repurchase import fit_timer
 
 NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 EARLIEST_AS_OF = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_WINDOW_END = datetime(2100, 1, 1, tzinfo=UTC)
+MAX_WINDOW = timedelta(days=366)
 
 
 class BgNbd(BaseModel):
@@ -59,6 +63,41 @@ class FitIn(BaseModel):
         description="calibration end: purchases after it are left out (default: now); "
         "from 2000-01-01 to now",
     )
+
+
+class WindowTotal(BaseModel):
+    customers: int
+    expected: float
+    low: float = Field(description="95 % interval")
+    high: float
+    interval: str = Field(description="normal, negative binomial or poisson")
+
+
+class Forecast(WindowTotal):
+    made_at: datetime
+    model_fitted_at: datetime
+    parameter_uncertainty: bool
+    by_stage: dict[str, WindowTotal]
+    by_member_level: dict[str, WindowTotal] = Field(description="`none`: no level")
+
+
+class Actual(BaseModel):
+    purchase_days: int
+    through: datetime
+    complete: bool
+
+
+class ReturningForecast(BaseModel):
+    from_: datetime = Field(alias="from")
+    to: datetime
+    unit: str = Field(
+        description="purchase_day: one customer's orders on one calendar day count once"
+    )
+    forecast: Forecast | None
+    forecast_reason: str | None
+    actual: Actual | None
+
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class FitScheduled(BaseModel):
@@ -125,6 +164,49 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                 attempted_at=row.fitted_at.isoformat(),
             )
         return _model_body(row)
+
+    @router.get(
+        "/v1/forecasts/returning-orders",
+        response_model=ReturningForecast,
+        response_model_by_alias=True,
+        responses={
+            404: problem_doc(404, "no model fitted for the shop yet"),
+            409: problem_doc(409, "the shop's data cannot support a model (the reason)"),
+        },
+    )
+    async def forecast(
+        principal: Auth,
+        start: Annotated[AwareDatetime, Query(alias="from", description="window start")],
+        end: Annotated[AwareDatetime, Query(alias="to", description="window end (excluded)")],
+        shop_id: ShopParam = None,
+    ) -> ReturningForecast:
+        """Purchases (purchase days) by the shop's existing customers in [from, to): before
+        the window begins, the model's forecast with a 95 % interval, overall and per stage
+        and member level (kept, the latest per window); once it has begun, that kept
+        forecast beside the actual count so far (`actual.complete` once it has ended)."""
+        shop = principal.shop(shop_id)
+        now = datetime.now(UTC)
+        if not EARLIEST_AS_OF <= start < end <= LATEST_WINDOW_END:
+            raise Problem(422, "from must come before to, both between 2000-01-01 and 2100-01-01")
+        if end - start > MAX_WINDOW:
+            raise Problem(422, f"a window spans at most {MAX_WINDOW.days} days")
+        try:
+            async with ctx.db.begin() as conn:
+                found = await returning_purchases(
+                    conn, shop, start.astimezone(UTC), end.astimezone(UTC), now
+                )
+        except NoModel as missing:
+            if missing.refused is None:
+                raise Problem(
+                    404, f"no repurchase model for shop {shop!r} yet: nothing to forecast with"
+                ) from None
+            raise Problem(
+                409,
+                f"the shop's data cannot support a repurchase model: {missing.refused.reason}",
+                title="No model",
+                reason=missing.refused.reason,
+            ) from None
+        return ReturningForecast.model_validate(found)
 
     @router.post("/v1/models/repurchase/fit", status_code=202, response_model=FitScheduled)
     async def fit(

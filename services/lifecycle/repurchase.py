@@ -45,6 +45,7 @@ from libs.common.db.tables import shops
 from libs.common.timers import Timer, schedule, timer_key
 from services.lifecycle.models import customers, orders, repurchase_models
 from services.lifecycle.orders import is_purchase, purchased_at
+from services.lifecycle.prediction.forecast import parameter_covariance
 from services.lifecycle.prediction.model import (
     BgNbdParams,
     FitRefused,
@@ -172,7 +173,7 @@ def _zone(name: str) -> ZoneInfo:
         return _UTC
 
 
-def _params_from(text: str) -> BgNbdParams:
+def params_from(text: str) -> BgNbdParams:
     data = orjson.loads(text)
     return BgNbdParams(
         r=data["r"],
@@ -186,13 +187,19 @@ def _params_from(text: str) -> BgNbdParams:
     )
 
 
+def log_covariance_of(text: str) -> list[list[float]] | None:
+    """The stored covariance of the log-parameters, if the fit kept one."""
+    found: list[list[float]] | None = orjson.loads(text).get("log_covariance")
+    return found
+
+
 async def fitted_models(conn: AsyncConnection, shop_ids: Iterable[str]) -> dict[str, BgNbdParams]:
     """The current parameters of the shops that have a fitted model."""
     m = repurchase_models.c
     rows = await conn.execute(
         select(m.shop_id, m.params).where(m.shop_id.in_(set(shop_ids)), m.status == "fitted")
     )
-    return {row.shop_id: _params_from(row.params) for row in rows}
+    return {row.shop_id: params_from(row.params) for row in rows}
 
 
 # --------------------------------------------------------------------------- fitting
@@ -204,6 +211,7 @@ class FitOutcome:
 
     bgnbd: BgNbdParams | None
     reason: str | None
+    log_covariance: list[list[float]] | None
     spend: GammaGammaParams | None
     spend_reason: str | None
     customers: int
@@ -217,12 +225,14 @@ def fit_summary(summary: Summary) -> FitOutcome:
     try:
         bgnbd = fit_bgnbd(summary.x, summary.t_x, summary.T)
     except FitRefused as refused:
-        return FitOutcome(None, refused.reason, None, None, n, repeaters)
+        return FitOutcome(None, refused.reason, None, None, None, n, repeaters)
+    # Kept for forecasts: their intervals include the parameters' own uncertainty.
+    covariance = parameter_covariance(bgnbd, summary.x, summary.t_x, summary.T).tolist()
     try:
         spend, spend_reason = fit_gamma_gamma(summary.x, summary.monetary), None
     except FitRefused as refused:
         spend, spend_reason = None, refused.reason
-    return FitOutcome(bgnbd, None, spend, spend_reason, n, repeaters)
+    return FitOutcome(bgnbd, None, covariance, spend, spend_reason, n, repeaters)
 
 
 async def _purchases(
@@ -273,7 +283,7 @@ def _summarise(ids: list[str], days: list[int], amounts: list[int], end: int) ->
 
 def _fit(ids: list[str], days: list[int], amounts: list[int], end: int) -> FitOutcome:
     if not ids:
-        return FitOutcome(None, "no purchases to fit", None, None, 0, 0)
+        return FitOutcome(None, "no purchases to fit", None, None, None, 0, 0)
     return fit_summary(_summarise(ids, days, amounts, end))
 
 
@@ -298,7 +308,7 @@ async def fit_shop(
     return outcome
 
 
-def _params_json(p: BgNbdParams) -> str:
+def _params_json(p: BgNbdParams, log_covariance: list[list[float]] | None) -> str:
     return orjson.dumps(
         {
             "r": p.r,
@@ -309,6 +319,7 @@ def _params_json(p: BgNbdParams) -> str:
             "customers": p.customers,
             "repeat_buyers": p.repeat_buyers,
             "std_errors": list(p.std_errors),
+            "log_covariance": log_covariance,
         }
     ).decode()
 
@@ -354,7 +365,7 @@ async def _store(
             "shop_id": shop_id,
             "status": "fitted" if fitted else "refused",
             "reason": outcome.reason,
-            "params": _params_json(fitted) if fitted else None,
+            "params": _params_json(fitted, outcome.log_covariance) if fitted else None,
             "spend": _spend_json(outcome),
             "customers": outcome.customers,
             "repeat_buyers": outcome.repeat_buyers,

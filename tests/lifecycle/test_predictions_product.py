@@ -34,34 +34,52 @@ def calibration_purchases() -> list[tuple[str, date, int]]:
     return found
 
 
+def paid_order(shop: str, customer: str, order: str, at: datetime, cents: int) -> dict[str, Any]:
+    stamp = at.isoformat()
+    return {
+        "specversion": "1.0",
+        "id": f"paid-{order}",
+        "source": f"test/{shop}",
+        "type": "order.paid",
+        "time": stamp,
+        "shop_id": shop,
+        "subject": customer,
+        "data": {
+            "order_id": order,
+            "customer": {"id": customer},
+            "status": "paid",
+            "total": {"amount_minor": cents, "currency": "CNY"},
+            "created_at": stamp,
+            "paid_at": stamp,
+        },
+    }
+
+
 def order_events(shop: str, purchases: list[tuple[str, date, int]]) -> list[dict[str, Any]]:
     """One paid order per purchase, dated at noon in the shop's zone, shifted so that the
     calibration end is today."""
     shift = datetime.now(ZONE).date() - CALIBRATION_END
-    events = []
-    for n, (customer, day, cents) in enumerate(purchases):
-        placed = datetime.combine(day + shift, datetime.min.time(), ZONE).replace(hour=12)
-        stamp = placed.isoformat()
-        events.append(
-            {
-                "specversion": "1.0",
-                "id": f"cdnow-{n}",
-                "source": f"test/{shop}",
-                "type": "order.paid",
-                "time": stamp,
-                "shop_id": shop,
-                "subject": f"c{customer}",
-                "data": {
-                    "order_id": f"o{n}",
-                    "customer": {"id": f"c{customer}"},
-                    "status": "paid",
-                    "total": {"amount_minor": cents, "currency": "CNY"},
-                    "created_at": stamp,
-                    "paid_at": stamp,
-                },
-            }
+    return [
+        paid_order(
+            shop,
+            f"c{customer}",
+            f"o{n}",
+            datetime.combine(day + shift, datetime.min.time(), ZONE).replace(hour=12),
+            cents,
         )
-    return events
+        for n, (customer, day, cents) in enumerate(purchases)
+    ]
+
+
+def holdout_purchase_days() -> int:
+    """Purchase days in CDNOW's 39 holdout weeks (1997-10-01 to 1998-06-30)."""
+    days = set()
+    for line in CDNOW.read_text().splitlines():
+        _, customer, day, _, _ = line.split()
+        when = datetime.strptime(day, "%Y%m%d").date()
+        if when > CALIBRATION_END:
+            days.add((customer, when))
+    return len(days)
 
 
 def summaries(purchases: list[tuple[str, date, int]]) -> dict[str, tuple[int, int, int]]:
@@ -170,6 +188,66 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
         assert math.isclose(got["p_alive"], alive, rel_tol=1e-6, abs_tol=1e-9), cid
         assert math.isclose(got["expected_purchases_90d"], in_90, rel_tol=1e-6, abs_tol=1e-9), cid
         assert datetime.fromisoformat(got["next_purchase_at"]) > datetime.now(UTC), cid
+
+    # The 39 holdout weeks as a promotion window: the product's forecast is the model's
+    # (summed here from the paper's equations) and lies near what CDNOW's customers did.
+    start = datetime.now(UTC) + timedelta(hours=1)
+    end = start + timedelta(days=273)
+    r = await platform.request(
+        "GET",
+        "/v1/forecasts/returning-orders",
+        key=key,
+        params={"from": start.isoformat(), "to": end.isoformat()},
+    )
+    assert r.status_code == 200, r.text
+    forecast = r.json()["forecast"]
+    assert r.json()["actual"] is None
+    days_from_now = [1 / 24, 1 / 24 + 273]
+    independent = sum(
+        paper_figures(p, x, t_x, T, days_from_now[1])[1]
+        - paper_figures(p, x, t_x, T, days_from_now[0])[1]
+        for x, t_x, T in expected.values()
+    )
+    assert math.isclose(forecast["expected"], independent, rel_tol=1e-4)
+    assert forecast["low"] < forecast["expected"] < forecast["high"]
+    assert forecast["customers"] == 2357 and forecast["parameter_uncertainty"] is True
+    stages = forecast["by_stage"].values()
+    assert sum(g["customers"] for g in stages) == 2357
+    assert math.isclose(sum(g["expected"] for g in stages), forecast["expected"], rel_tol=1e-9)
+    # BG/NBD under-forecasts CDNOW's holdout a little (1,653 vs 1,882 purchase days here,
+    # as the model-level test finds too): the bound is ours.
+    assert abs(forecast["expected"] / holdout_purchase_days() - 1) < 0.15
+
+    # A window that begins in two seconds: the forecast made now is kept and shown beside
+    # what the shop's existing customers buy once it has begun (a new customer's first
+    # order is no returning purchase; two orders on one day are one purchase day).
+    start = datetime.now(UTC) + timedelta(seconds=2)
+    window = {"from": start.isoformat(), "to": (start + timedelta(days=2)).isoformat()}
+    r = await platform.request("GET", "/v1/forecasts/returning-orders", key=key, params=window)
+    assert r.status_code == 200, r.text
+    kept = r.json()["forecast"]
+    r = await platform.request("GET", "/v1/forecasts/returning-orders", key=other, params=window)
+    assert r.status_code == 404, r.text
+
+    async def begun() -> bool:
+        return datetime.now(UTC) > start + timedelta(seconds=1)
+
+    await until(begun)
+    at = datetime.now(UTC)
+    sold = [
+        paid_order(shop, "c0001", "w1", at, 1500),
+        paid_order(shop, "c0001", "w2", at, 2500),
+        paid_order(shop, "c0002", "w3", at, 900),
+        paid_order(shop, "c-new", "w4", at, 900),
+    ]
+    r = await platform.request("POST", "/v1/events", key=key, json=sold)
+    assert r.status_code == 202, r.text
+    await platform.settle(("order.paid",))
+    r = await platform.request("GET", "/v1/forecasts/returning-orders", key=key, params=window)
+    assert r.status_code == 200, r.text
+    shown = r.json()
+    assert shown["forecast"] == kept
+    assert shown["actual"]["purchase_days"] == 2 and shown["actual"]["complete"] is False
 
 
 async def test_a_shop_too_small_to_fit_is_told_why(platform: Platform) -> None:

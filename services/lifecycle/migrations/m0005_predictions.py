@@ -1,5 +1,6 @@
 """Repurchase predictions: each customer's purchase-day summary and figures, and each
-shop's fitted model (or the reason it could not be fitted)."""
+shop's fitted model (or the reason it could not be fitted), and forecasts kept to be
+shown beside what happened."""
 
 from alembic.operations import Operations
 from sqlalchemy import Column, Float, Integer, String, Text
@@ -31,4 +32,11 @@ def upgrade(op: Operations) -> None:
         Column("log_likelihood", Float),
         Column("calibration_end", UtcDateTime(), nullable=False),
         Column("fitted_at", UtcDateTime(), nullable=False),
+    )
+    op.create_table(
+        "returning_forecasts",
+        Column("shop_id", String(64), primary_key=True),
+        Column("window_from", UtcDateTime(), primary_key=True),
+        Column("window_to", UtcDateTime(), primary_key=True),
+        Column("forecast", Text, nullable=False),
     )
