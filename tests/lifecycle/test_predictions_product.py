@@ -191,13 +191,13 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
 
     # The 39 holdout weeks as a promotion window: the product's forecast is the model's
     # (summed here from the paper's equations) and lies near what CDNOW's customers did.
-    start = datetime.now(UTC) + timedelta(hours=1)
-    end = start + timedelta(days=273)
+    opens = datetime.now(UTC) + timedelta(hours=1)
+    closes = opens + timedelta(days=273)
     r = await platform.request(
         "GET",
         "/v1/forecasts/returning-orders",
         key=key,
-        params={"from": start.isoformat(), "to": end.isoformat()},
+        params={"from": opens.isoformat(), "to": closes.isoformat()},
     )
     assert r.status_code == 200, r.text
     forecast = r.json()["forecast"]
@@ -221,8 +221,8 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     # A window that begins in two seconds: the forecast made now is kept and shown beside
     # what the shop's existing customers buy once it has begun (a new customer's first
     # order is no returning purchase; two orders on one day are one purchase day).
-    start = datetime.now(UTC) + timedelta(seconds=2)
-    window = {"from": start.isoformat(), "to": (start + timedelta(days=2)).isoformat()}
+    opens = datetime.now(UTC) + timedelta(seconds=2)
+    window = {"from": opens.isoformat(), "to": (opens + timedelta(days=2)).isoformat()}
     r = await platform.request("GET", "/v1/forecasts/returning-orders", key=key, params=window)
     assert r.status_code == 200, r.text
     kept = r.json()["forecast"]
@@ -230,7 +230,7 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     assert r.status_code == 404, r.text
 
     async def begun() -> bool:
-        return datetime.now(UTC) > start + timedelta(seconds=1)
+        return datetime.now(UTC) > opens + timedelta(seconds=1)
 
     await until(begun)
     at = datetime.now(UTC)
