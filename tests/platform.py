@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
@@ -324,12 +325,15 @@ async def processed(db: Database, consumer: str, keys: Collection[str]) -> set[s
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
-    """Poll `check` until it holds (waits for asynchronous work; asserts no speed)."""
-    for _ in range(int(within / 0.1)):
+    """Poll `check` until it holds (waits for asynchronous work; asserts no speed), for at
+    most `within` seconds of wall time however long each check takes."""
+    deadline = time.monotonic() + within
+    while True:
         if await check():
             return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
         await asyncio.sleep(0.1)
-    raise AssertionError("condition never became true")
 
 
 _SETTLE_SHOP = "settle-markers"

@@ -10,7 +10,7 @@ timer for the moment time alone next changes its stage or an automatic tag.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -244,13 +244,20 @@ async def _derive_chunk(
         for key, before in current.items()
     }
     predicted = _figures(derived_all, models, zones, now)
+    for key, found in predicted.items():
+        policy, derived = policies[key[0]], derived_all[key]
+        if policy.sleeping_rule is not None and derived.purchases.count > 1:
+            modelled = replace(derived.facts, p_alive=found.p_alive)
+            derived_all[key] = replace(
+                derived, facts=modelled, stage=stage_of(modelled, now, policy)
+            )
     buying_shops = {key[0] for key, d in derived_all.items() if d.purchases.count}
     fits = first_fits(buying_shops - set(models), now)
     for key, before in current.items():
         policy = policies[key[0]]
         derived = derived_all[key]
-        figures = predicted.get(key)
-        updates.append((key[0], key[1], *derived.columns(before, now, figures).values()))
+        prediction = predicted.get(key)
+        updates.append((key[0], key[1], *derived.columns(before, now, prediction).values()))
         if derived.stage != before.stage:
             history.append(
                 {
@@ -292,7 +299,7 @@ async def _derive_chunk(
                 )
             )
         manual = {t for t in held[key] if (key[0], t) not in auto_names}
-        facts = derived.rule_facts(before, frozenset(manual), figures)
+        facts = derived.rule_facts(before, frozenset(manual), prediction)
         thresholds: set[int] = set()
         for tag in auto[key[0]]:
             thresholds |= recency_thresholds(tag.rule)

@@ -44,6 +44,14 @@ class Level(BaseModel):
     """Minimum net spend in minor units (basis `spend`) or purchases (basis `orders`)."""
 
 
+class PAliveRule(BaseModel):
+    """A stage decided by the repurchase model instead of a day count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p_alive_below: float = Field(gt=0, lt=1, allow_inf_nan=False, strict=True)
+
+
 class StagePolicy(BaseModel):
     """A shop's thresholds; `PUT /v1/policy` replaces it and re-stages the shop."""
 
@@ -54,6 +62,10 @@ class StagePolicy(BaseModel):
     silent_after_days: int = Field(default=90, ge=1, le=3650)
     sleeping_after_days: int = Field(default=180, ge=1, le=3650)
     churned_after_days: int = Field(default=365, ge=1, le=3650)
+    sleeping_rule: PAliveRule | None = None
+    """With it, a repeat buyer past the active window is `sleeping` when P(alive) falls
+    below the bound (and `churned` below `churned_rule`'s), not after a day count."""
+    churned_rule: PAliveRule | None = None
     level_basis: Literal["spend", "orders"] = "spend"
     levels: tuple[Level, ...] = (
         Level(name="VIP1", threshold=100_000),
@@ -74,6 +86,14 @@ class StagePolicy(BaseModel):
                 "after_sale_days < silent_after_days < sleeping_after_days < "
                 "churned_after_days must hold"
             )
+        if self.churned_rule and not self.sleeping_rule:
+            raise ValueError("churned_rule needs a sleeping_rule")
+        if (
+            self.churned_rule
+            and self.sleeping_rule
+            and self.churned_rule.p_alive_below >= self.sleeping_rule.p_alive_below
+        ):
+            raise ValueError("churned_rule.p_alive_below < sleeping_rule.p_alive_below must hold")
         thresholds = [level.threshold for level in self.levels]
         if thresholds != sorted(set(thresholds)):
             raise ValueError("levels must have strictly increasing thresholds")
@@ -94,6 +114,10 @@ class Facts:
     frequency: int
     last_order_at: datetime | None
     last_interest_at: datetime | None
+    p_alive: float | None = None
+    """The repurchase model's P(alive), given for repeat buyers only: BG/NBD gives every
+    one-time buyer 1 (no repeat purchase, no evidence of dropping out), so those keep the
+    day counts."""
 
 
 def stage_of(facts: Facts, now: datetime, policy: StagePolicy = DEFAULT_POLICY) -> str:
@@ -109,11 +133,25 @@ def stage_of(facts: Facts, now: datetime, policy: StagePolicy = DEFAULT_POLICY) 
         return "new" if facts.frequency == 1 else "after_sale"
     if days < timedelta(days=policy.silent_after_days):
         return "active"
+    by_model = _by_p_alive(facts.p_alive, policy)
+    if by_model is not None:
+        return by_model
     if days < timedelta(days=policy.sleeping_after_days):
         return "silent"
     if days < timedelta(days=policy.churned_after_days):
         return "sleeping"
     return "churned"
+
+
+def _by_p_alive(p_alive: float | None, policy: StagePolicy) -> str | None:
+    """silent, sleeping or churned by P(alive) under the policy's rules (None: by days).
+
+    With a sleeping rule, P(alive) decides all three (churned only with a churned rule)."""
+    if p_alive is None or policy.sleeping_rule is None:
+        return None
+    if policy.churned_rule and p_alive < policy.churned_rule.p_alive_below:
+        return "churned"
+    return "sleeping" if p_alive < policy.sleeping_rule.p_alive_below else "silent"
 
 
 def days_after(at: datetime, days: int) -> datetime | None:

@@ -249,6 +249,51 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     assert shown["forecast"] == kept
     assert shown["actual"]["purchase_days"] == 2 and shown["actual"]["complete"] is False
 
+    # Stages by P(alive): repeat buyers past the active window are silent, sleeping or
+    # churned by the model; one-time buyers (P(alive) 1 by construction) keep day counts.
+    r = await platform.request("GET", "/v1/policy", key=key)
+    policy = {
+        **r.json(),
+        "sleeping_rule": {"p_alive_below": 0.3},
+        "churned_rule": {"p_alive_below": 0.1},
+    }
+    r = await platform.request("PUT", "/v1/policy", key=key, json=policy)
+    assert r.status_code == 200, r.text
+    bought_again = {cid for cid, (x, _, _) in expected.items() if x > 0}
+    unchanged = set(expected) - {"c0001", "c0002"}
+
+    def by_policy(item: dict[str, Any]) -> str:
+        days = item["rfm"]["recency_days"]
+        if days < 90:
+            return (
+                ("new" if item["rfm"]["frequency"] == 1 else "after_sale")
+                if days < 15
+                else "active"
+            )
+        if item["customer_id"] in bought_again:
+            p_alive = item["prediction"]["p_alive"]
+            return "churned" if p_alive < 0.1 else "sleeping" if p_alive < 0.3 else "silent"
+        return "silent" if days < 180 else "sleeping" if days < 365 else "churned"
+
+    async def restaged() -> bool:
+        items.update(await listed(platform, key))
+        return all(items[cid]["stage"] == by_policy(items[cid]) for cid in unchanged)
+
+    await until(restaged, within=120)
+    wrong = {
+        cid: items[cid]["stage"]
+        for cid in unchanged
+        if items[cid]["stage"] != by_policy(items[cid])
+    }
+    assert not wrong
+    # The rule decided something the day counts would not have.
+    moved = [
+        cid
+        for cid in bought_again & unchanged
+        if 90 <= items[cid]["rfm"]["recency_days"] < 180 and items[cid]["stage"] != "silent"
+    ]
+    assert moved
+
 
 async def test_a_shop_too_small_to_fit_is_told_why(platform: Platform) -> None:
     shop = f"tiny-{uuid.uuid4().hex[:8]}"
