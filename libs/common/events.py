@@ -328,6 +328,17 @@ class LevelChangedData(_Data):
     current: str | None
 
 
+class PredictionChangedData(_Data):
+    """A customer's repurchase figures (lifecycle's model): on their first figures, after
+    each purchase, and when P(alive) crosses one of the shop's thresholds."""
+
+    customer_id: NonEmpty
+    p_alive: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    expected_purchases_90d: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    next_purchase_at: datetime | None = None
+    previous_p_alive: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+
+
 class NotificationRequestedData(_Data):
     """A message a journey wants sent; the notifier sends it at most once per key."""
 
@@ -377,6 +388,7 @@ CUSTOMER_TYPES = (
     "customer.tag_added",
     "customer.tag_removed",
     "customer.level_changed",
+    "customer.prediction_changed",
     "customer.merged",
     "customer.tag_requested",
 )
@@ -394,6 +406,7 @@ DATA_SCHEMAS: dict[str, type[_Data]] = {
     "customer.tag_added": TagChangedData,
     "customer.tag_removed": TagChangedData,
     "customer.level_changed": LevelChangedData,
+    "customer.prediction_changed": PredictionChangedData,
     "customer.merged": CustomerMergedData,
     "customer.tag_requested": TagRequestedData,
     "notification.requested": NotificationRequestedData,

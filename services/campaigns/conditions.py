@@ -19,11 +19,15 @@ FIELD is one of the fixed catalogue `FIELDS` (name -> kind), and the ops of each
                in | not_in                      value: [str, ...], 1 to 100 of them
     text_list  contains                         value: str
                contains_any | contains_none     value: [str, ...], 1 to 100 of them
+    decimal    eq | ne | gt | gte | lt | lte      value: a JSON number (whole or not)
+               between                          value: [lo, hi], numbers, lo <= hi
     bool       eq                               value: true | false (a JSON boolean)
     any kind   is_null | not_null               no value
 
 Bounds: numbers are JSON integers (3.0, "3" and booleans are refused) with
-|n| <= `NUMBER_MAX` (10^15, below 2^53 so every JSON parser reads it exactly); a text is
+|n| <= `NUMBER_MAX` (10^15, below 2^53 so every JSON parser reads it exactly); decimals
+(the repurchase model's figures: `p_alive` 0 to 1, expected purchases) are finite JSON
+numbers within the same bound, compared as doubles; a text is
 at most `TEXT_MAX` (200) characters without control characters (U+0000 to U+001F, U+007F)
 or lone surrogates (not Unicode text); lists hold 1 to `LIST_MAX` (100) items. A condition
 nests at most `MAX_DEPTH` (8) deep, counting the leaf, and has at most `MAX_NODES` (100)
@@ -78,7 +82,7 @@ NUMBER_MAX = 10**15
 TEXT_MAX = 200
 LIST_MAX = 100
 
-FieldKind = Literal["number", "text", "text_list", "bool"]
+FieldKind = Literal["number", "decimal", "text", "text_list", "bool"]
 
 FIELDS: dict[str, FieldKind] = {
     "event.type": "text",
@@ -95,6 +99,8 @@ FIELDS: dict[str, FieldKind] = {
     "event.previous_level": "text",
     "event.carrier": "text",
     "event.age_hours": "number",
+    "event.p_alive": "decimal",
+    "event.expected_purchases_90d": "decimal",
     "customer.stage": "text",
     "customer.level": "text",
     "customer.tags": "text_list",
@@ -102,6 +108,8 @@ FIELDS: dict[str, FieldKind] = {
     "customer.frequency": "number",
     "customer.monetary_minor": "number",
     "customer.recency_days": "number",
+    "customer.p_alive": "decimal",
+    "customer.expected_purchases_90d": "decimal",
     "customer.city": "text",
     "customer.province": "text",
     "customer.has_phone": "bool",
@@ -119,6 +127,7 @@ FIELDS: dict[str, FieldKind] = {
 
 OPS: dict[FieldKind, tuple[str, ...]] = {
     "number": ("eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in"),
+    "decimal": ("eq", "ne", "gt", "gte", "lt", "lte", "between"),
     "text": ("eq", "ne", "in", "not_in", "starts_with"),
     "text_list": ("contains", "contains_any", "contains_none"),
     "bool": ("eq",),
@@ -137,6 +146,12 @@ NumberField = Literal[
     "customer.recency_days",
     "order.total_minor",
     "order.item_count",
+]
+DecimalField = Literal[
+    "event.p_alive",
+    "event.expected_purchases_90d",
+    "customer.p_alive",
+    "customer.expected_purchases_90d",
 ]
 TextField = Literal[
     "event.type",
@@ -166,10 +181,11 @@ BoolField = Literal[
     "customer.cart_open",
     "order.paid",
 ]
-FieldName = Literal[NumberField, TextField, TextListField, BoolField]
+FieldName = Literal[NumberField, DecimalField, TextField, TextListField, BoolField]
 
 KIND_FIELDS: dict[FieldKind, tuple[str, ...]] = {
     "number": get_args(NumberField),
+    "decimal": get_args(DecimalField),
     "text": get_args(TextField),
     "text_list": get_args(TextListField),
     "bool": get_args(BoolField),
@@ -201,6 +217,7 @@ def _clean_text(text: str) -> str:
 
 
 Int = Annotated[int, Strict(), Field(ge=-NUMBER_MAX, le=NUMBER_MAX)]
+Decimal = Annotated[float, Strict(), Field(ge=-NUMBER_MAX, le=NUMBER_MAX, allow_inf_nan=False)]
 Text = Annotated[
     str,
     Strict(),
@@ -211,7 +228,7 @@ IntList = Annotated[list[Int], Field(min_length=1, max_length=LIST_MAX)]
 TextList = Annotated[list[Text], Field(min_length=1, max_length=LIST_MAX)]
 
 
-def _ordered(value: tuple[int, int]) -> tuple[int, int]:
+def _ordered(value: tuple[Any, Any]) -> tuple[Any, Any]:
     if value[0] > value[1]:
         raise _error("condition_between")
     return value
@@ -282,6 +299,22 @@ class NumberIn(_Node):
     value: IntList
 
 
+class DecimalCompare(_Node):
+    """A decimal field compared with a number (false if the fact is missing)."""
+
+    field: DecimalField
+    op: Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+    value: Decimal
+
+
+class DecimalBetween(_Node):
+    """lo <= a decimal field <= hi (false if the fact is missing)."""
+
+    field: DecimalField
+    op: Literal["between"]
+    value: Annotated[tuple[Decimal, Decimal], AfterValidator(_ordered)]
+
+
 class TextCompare(_Node):
     """A text field equals, differs from or starts with a text, case-sensitively
     (false if the fact is missing)."""
@@ -341,6 +374,8 @@ Leaf: TypeAlias = (
     NumberCompare
     | NumberBetween
     | NumberIn
+    | DecimalCompare
+    | DecimalBetween
     | TextCompare
     | TextIn
     | ListContains
@@ -358,6 +393,8 @@ _TAGS = frozenset(
         "NumberCompare",
         "NumberBetween",
         "NumberIn",
+        "DecimalCompare",
+        "DecimalBetween",
         "TextCompare",
         "TextIn",
         "ListContains",
@@ -376,6 +413,10 @@ _LEAF_MODELS: dict[FieldKind, dict[str | None, str]] = {
         "between": "NumberBetween",
         "in": "NumberIn",
         "not_in": "NumberIn",
+    },
+    "decimal": {
+        **dict.fromkeys(("eq", "ne", "gt", "gte", "lt", "lte", None), "DecimalCompare"),
+        "between": "DecimalBetween",
     },
     "text": {
         **dict.fromkeys(("eq", "ne", "starts_with", None), "TextCompare"),
@@ -505,6 +546,8 @@ Condition: TypeAlias = Annotated[
     | Annotated[NumberCompare, Tag("NumberCompare")]
     | Annotated[NumberBetween, Tag("NumberBetween")]
     | Annotated[NumberIn, Tag("NumberIn")]
+    | Annotated[DecimalCompare, Tag("DecimalCompare")]
+    | Annotated[DecimalBetween, Tag("DecimalBetween")]
     | Annotated[TextCompare, Tag("TextCompare")]
     | Annotated[TextIn, Tag("TextIn")]
     | Annotated[ListContains, Tag("ListContains")]
@@ -595,6 +638,12 @@ def _number(field: str, value: object) -> int:
     return value
 
 
+def _decimal(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _wrong(field, value)
+    return float(value)
+
+
 def _text(field: str, value: object) -> str:
     if not isinstance(value, str):
         raise _wrong(field, value)
@@ -628,6 +677,10 @@ def _leaf(c: Leaf, facts: Mapping[str, Any]) -> bool:
         return c.value[0] <= _number(field, fact) <= c.value[1]
     if isinstance(c, NumberIn):
         return (_number(field, fact) in c.value) == (c.op == "in")
+    if isinstance(c, DecimalCompare):
+        return bool(_CMP[c.op](_decimal(field, fact), c.value))
+    if isinstance(c, DecimalBetween):
+        return c.value[0] <= _decimal(field, fact) <= c.value[1]
     if isinstance(c, TextCompare):
         s = _text(field, fact)
         if c.op == "starts_with":

@@ -146,6 +146,10 @@ customers = Table(
     Column("spent_minor", BigInteger, nullable=False, server_default="0"),
     Column("last_purchase_at", UtcDateTime()),
     Column("last_cart_at", UtcDateTime()),
+    # Lifecycle's repurchase figures (`customer.prediction_changed`).
+    Column("p_alive", Float),
+    Column("expected_purchases_90d", Float),
+    Column("next_purchase_at", UtcDateTime()),
 )
 
 promotions = Table(

@@ -159,6 +159,9 @@ def _touch_customer(snap: Snapshot, shop: str, customer_id: str, at: datetime) -
             "spent_minor": 0,
             "last_purchase_at": None,
             "last_cart_at": None,
+            "p_alive": None,
+            "expected_purchases_90d": None,
+            "next_purchase_at": None,
         }
     snap.dirty.add(("customer", key))
     row["updated_at"] = at
@@ -269,6 +272,10 @@ def apply(snap: Snapshot, event: Envelope) -> Resolved:
                 row["tags"] = [*row["tags"], data["tag"]]
         elif event.type == "customer.tag_removed":
             row["tags"] = [t for t in row["tags"] if t != data["tag"]]
+        elif event.type == "customer.prediction_changed":
+            row["p_alive"] = data["p_alive"]
+            row["expected_purchases_90d"] = data["expected_purchases_90d"]
+            row["next_purchase_at"] = _time(data.get("next_purchase_at"))
         elif event.type == "customer.merged":
             for merged in data.get("merged_ids") or ():
                 if merged != customer_id:
@@ -402,6 +409,12 @@ def event_facts(event: Envelope, now: datetime) -> dict[str, Any]:
         else None,
         "event.carrier": data.get("carrier"),
         "event.age_hours": math.floor((now - checkpoint_time).total_seconds() / 3600),
+        "event.p_alive": data.get("p_alive")
+        if event.type == "customer.prediction_changed"
+        else None,
+        "event.expected_purchases_90d": data.get("expected_purchases_90d")
+        if event.type == "customer.prediction_changed"
+        else None,
     }
 
 
@@ -441,6 +454,8 @@ def state_facts(
                 "customer.province": customer["province"],
                 "customer.has_phone": bool(customer["phone"]),
                 "customer.has_email": bool(customer["email"]),
+                "customer.p_alive": customer.get("p_alive"),
+                "customer.expected_purchases_90d": customer.get("expected_purchases_90d"),
             }
         )
     if order is not None:

@@ -298,6 +298,23 @@ async def _derive_chunk(
                     discriminator=str(derived.level),
                 )
             )
+        if prediction is not None and _prediction_moved(before, derived, prediction, policy):
+            outgoing.append(
+                change_event(
+                    "customer.prediction_changed",
+                    key,
+                    now,
+                    namespace,
+                    {
+                        "customer_id": key[1],
+                        "p_alive": prediction.p_alive,
+                        "expected_purchases_90d": prediction.expected_purchases_90d,
+                        "next_purchase_at": prediction.next_purchase_at,
+                        "previous_p_alive": before.p_alive,
+                    },
+                    discriminator="p",
+                )
+            )
         manual = {t for t in held[key] if (key[0], t) not in auto_names}
         facts = derived.rule_facts(before, frozenset(manual), prediction)
         thresholds: set[int] = set()
@@ -468,6 +485,16 @@ def _figures(
         )
         found.update((key, f) for key, f in zip(keys, each, strict=True) if f is not None)
     return found
+
+
+def _prediction_moved(
+    before: Any, derived: Derived, prediction: Figures, policy: StagePolicy
+) -> bool:
+    """Whether the customer's figures are news: the first ones, a purchase since the last,
+    or P(alive) across one of the shop's thresholds."""
+    if before.p_alive is None or before.purchase_days != derived.purchases.count:
+        return True
+    return bool(policy.p_alive_band(before.p_alive) != policy.p_alive_band(prediction.p_alive))
 
 
 def _next_due(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -66,6 +66,11 @@ class StagePolicy(BaseModel):
     """With it, a repeat buyer past the active window is `sleeping` when P(alive) falls
     below the bound (and `churned` below `churned_rule`'s), not after a day count."""
     churned_rule: PAliveRule | None = None
+    p_alive_thresholds: tuple[Annotated[float, Field(gt=0, lt=1, strict=True)], ...] = Field(
+        default=(0.1, 0.3, 0.5, 0.7), max_length=10
+    )
+    """A `customer.prediction_changed` event goes out when P(alive) crosses one of these
+    (or a stage rule's bound), besides on a customer's first figures and each purchase."""
     level_basis: Literal["spend", "orders"] = "spend"
     levels: tuple[Level, ...] = (
         Level(name="VIP1", threshold=100_000),
@@ -94,12 +99,22 @@ class StagePolicy(BaseModel):
             and self.churned_rule.p_alive_below >= self.sleeping_rule.p_alive_below
         ):
             raise ValueError("churned_rule.p_alive_below < sleeping_rule.p_alive_below must hold")
+        if list(self.p_alive_thresholds) != sorted(set(self.p_alive_thresholds)):
+            raise ValueError("p_alive_thresholds must increase")
         thresholds = [level.threshold for level in self.levels]
         if thresholds != sorted(set(thresholds)):
             raise ValueError("levels must have strictly increasing thresholds")
         if len({level.name for level in self.levels}) != len(self.levels):
             raise ValueError("level names must be unique")
         return self
+
+    def p_alive_band(self, p_alive: float) -> int:
+        """How many of the thresholds (and stage rules' bounds) lie at or below `p_alive`."""
+        bounds = set(self.p_alive_thresholds)
+        for rule in (self.sleeping_rule, self.churned_rule):
+            if rule is not None:
+                bounds.add(rule.p_alive_below)
+        return sum(1 for bound in bounds if bound <= p_alive)
 
     @property
     def level_order(self) -> tuple[str, ...]:

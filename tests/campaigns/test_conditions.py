@@ -26,6 +26,7 @@ from services.campaigns.conditions import (
     AllOf,
     BoolField,
     Condition,
+    DecimalField,
     FieldKind,
     FieldName,
     HasTag,
@@ -55,9 +56,10 @@ def holds(obj: dict[str, Any], facts: dict[str, Any]) -> bool:
 
 
 def test_the_catalogue_types_agree_with_fields() -> None:
-    assert len(FIELDS) == 33
+    assert len(FIELDS) == 37
     literals: dict[FieldKind, Any] = {
         "number": NumberField,
+        "decimal": DecimalField,
         "text": TextField,
         "text_list": TextListField,
         "bool": BoolField,
@@ -71,6 +73,25 @@ def test_the_catalogue_types_agree_with_fields() -> None:
 # --- every op of every kind, true and false -----------------------------------------------
 
 OP_CASES: list[tuple[dict[str, Any], Any, bool]] = [
+    # decimal (the repurchase model's figures): whole or not, compared as doubles
+    (leaf("customer.p_alive", "eq", 0.3), 0.3, True),
+    (leaf("customer.p_alive", "eq", 0.3), 0.30000000000000004, False),
+    (leaf("customer.p_alive", "ne", 0.3), 0.31, True),
+    (leaf("customer.p_alive", "ne", 0.3), 0.3, False),
+    (leaf("customer.p_alive", "lt", 0.3), 0.29, True),
+    (leaf("customer.p_alive", "lt", 0.3), 0.3, False),
+    (leaf("customer.p_alive", "lte", 0.3), 0.3, True),
+    (leaf("customer.p_alive", "lte", 0.3), 0.5, False),
+    (leaf("event.p_alive", "gt", 0), 0.01, True),
+    (leaf("event.p_alive", "gt", 0), 0, False),
+    (leaf("customer.expected_purchases_90d", "gte", 1), 1.0, True),
+    (leaf("customer.expected_purchases_90d", "gte", 1), 0.99, False),
+    (leaf("event.expected_purchases_90d", "between", [0.5, 2]), 2, True),
+    (leaf("event.expected_purchases_90d", "between", [0.5, 2]), 0.4, False),
+    (leaf("customer.p_alive", "is_null"), None, True),
+    (leaf("customer.p_alive", "is_null"), 0.0, False),
+    (leaf("customer.p_alive", "not_null"), 0.0, True),
+    (leaf("customer.p_alive", "not_null"), None, False),
     # number
     (leaf("order.total_minor", "eq", 100), 100, True),
     (leaf("order.total_minor", "eq", 100), 101, False),
@@ -546,8 +567,13 @@ def test_the_condition_is_in_the_openapi_document() -> None:
 NUMBERS = st.one_of(st.integers(-3, 3), st.sampled_from([NUMBER_MAX, -NUMBER_MAX]))
 TEXTS = st.sampled_from(["", "a", "ab", "abc", "A", "b", "杭州"])
 TEXT_LISTS = st.lists(TEXTS, min_size=1, max_size=4)
+DECIMALS = st.one_of(
+    st.sampled_from([0, 0.3, 0.30000000000000004, 1, 1.5, -2.25]),
+    st.floats(-3, 3, allow_nan=False),
+)
 VALUES = {
     "number": NUMBERS,
+    "decimal": DECIMALS,
     "text": TEXTS,
     "text_list": st.lists(TEXTS, max_size=4),
     "bool": st.booleans(),
@@ -565,7 +591,8 @@ def leaves(draw: st.DrawFn) -> dict[str, Any]:
         return {"field": field, "op": op}
     value: Any
     if op == "between":
-        lo, hi = sorted((draw(NUMBERS), draw(NUMBERS)))
+        drawn = DECIMALS if kind == "decimal" else NUMBERS
+        lo, hi = sorted((draw(drawn), draw(drawn)))
         value = [lo, hi]
     elif op in ("in", "not_in") and kind == "number":
         value = draw(st.lists(NUMBERS, min_size=1, max_size=4))
@@ -575,6 +602,8 @@ def leaves(draw: st.DrawFn) -> dict[str, Any]:
         value = draw(st.booleans())
     elif kind == "number":
         value = draw(NUMBERS)
+    elif kind == "decimal":
+        value = draw(DECIMALS)
     else:
         value = draw(TEXTS)
     return {"field": field, "op": op, "value": value}

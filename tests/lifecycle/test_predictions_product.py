@@ -157,6 +157,24 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     r = await platform.request("GET", "/v1/models/repurchase", key=key)
     assert r.status_code == 404, r.text  # the first scheduled fit is minutes away
 
+    # A journey on the figures lifecycle announces: customers likely gone get a tag.
+    r = await platform.request(
+        "POST",
+        "/v1/journeys",
+        key=key,
+        json={
+            "name": "likely gone",
+            "trigger": {
+                "event": "customer.prediction_changed",
+                "if": {"field": "event.p_alive", "op": "lt", "value": 0.3},
+            },
+            "steps": [{"id": "tag", "tag": {"add": "likely-gone"}}],
+        },
+    )
+    assert r.status_code == 201, r.text
+    r = await platform.request("POST", f"/v1/journeys/{r.json()['journey_id']}/activate", key=key)
+    assert r.status_code == 200, r.text
+
     r = await platform.request("POST", "/v1/models/repurchase/fit", key=key)
     assert r.status_code == 202, r.text
     model = await fitted(platform, key)
@@ -188,6 +206,17 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
         assert math.isclose(got["p_alive"], alive, rel_tol=1e-6, abs_tol=1e-9), cid
         assert math.isclose(got["expected_purchases_90d"], in_90, rel_tol=1e-6, abs_tol=1e-9), cid
         assert datetime.fromisoformat(got["next_purchase_at"]) > datetime.now(UTC), cid
+
+    # Every customer's first figures went out as `customer.prediction_changed`; campaigns
+    # tagged exactly those below 0.3 through lifecycle.
+    gone = {cid for cid, i in items.items() if i["prediction"]["p_alive"] < 0.3}
+    assert 0 < len(gone) < len(items)
+
+    async def tagged() -> bool:
+        items.update(await listed(platform, key))
+        return {cid for cid, i in items.items() if "likely-gone" in i["tags"]} == gone
+
+    await until(tagged, within=120)
 
     # The 39 holdout weeks as a promotion window: the product's forecast is the model's
     # (summed here from the paper's equations) and lies near what CDNOW's customers did.
