@@ -129,6 +129,16 @@ async def platform(
         yield started
 
 
+@pytest.fixture(scope="module", params=MODES)
+async def replay_platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """A platform with the default (production) batch sizes, one per test module, for
+    replays of thousands of events: the session's platform consumes ten per transaction."""
+    async with running_platform(request, tmp_path_factory, "replay") as started:
+        yield started
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Log hygiene (tests/log_capture.py): record the in-process logs and, when the session
     ends, scan every log it wrote for phones, emails, secrets and keys."""

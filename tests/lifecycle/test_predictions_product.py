@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from scipy import special
 
-from tests.conftest import MODES, running_platform
 from tests.platform import Platform, until
 
 CDNOW = Path(__file__).parent.parent / "data" / "cdnow" / "CDNOW_sample.txt"
@@ -104,14 +102,10 @@ def paper_figures(p: dict[str, float], x: int, t_x: int, T: int, t: float) -> tu
     return alive, float(given_alive * alive)
 
 
-@pytest.fixture(scope="module", params=MODES)
-async def platform(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    """The platform with its default batch sizes (the session's platform consumes ten
-    events per transaction, and the replay is 4,900 orders)."""
-    async with running_platform(request, tmp_path_factory, "predictions") as started:
-        yield started
+@pytest.fixture
+def platform(replay_platform: Platform) -> Platform:
+    """Default batch sizes: the replay is 4,900 orders."""
+    return replay_platform
 
 
 async def listed(platform: Platform, key: str) -> dict[str, dict[str, Any]]:

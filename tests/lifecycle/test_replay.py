@@ -9,6 +9,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.lifecycle import reference
 from tests.lifecycle.scenarios import PATHS, order_events
 from tests.platform import Platform
@@ -40,6 +42,12 @@ def generate(shop: str, rng: random.Random, now: datetime) -> list[dict[str, Any
             )
     rng.shuffle(events)
     return events
+
+
+@pytest.fixture
+def platform(replay_platform: Platform) -> Platform:
+    """Default batch sizes: the replay is about 1,700 events."""
+    return replay_platform
 
 
 async def test_replayed_orders_match_an_independent_recomputation(platform: Platform) -> None:
