@@ -37,6 +37,7 @@ from services.lifecycle.repurchase import (
     is_model_purchase,
     log_covariance_of,
     params_from,
+    shop_orders,
     shop_zones,
 )
 
@@ -127,22 +128,7 @@ async def _actual(
     placed = func.coalesce(o.created_at, o.paid_at, type_=UtcDateTime())
     first_day = day_number(start, zone)
     rows = await conn.execute(
-        select(
-            o.customer_id,
-            o.created_at,
-            o.paid_at,
-            o.shipped_at,
-            o.completed_at,
-            o.refunded_at,
-            o.total_minor,
-            o.refunded_minor,
-        )
-        .join(
-            customers,
-            and_(c.shop_id == o.shop_id, c.customer_id == o.customer_id, c.merged_into.is_(None)),
-        )
-        .where(
-            o.shop_id == shop_id,
+        shop_orders(shop_id).where(
             placed >= start - _DAY,
             placed < through + _DAY,
             c.first_purchase_day < first_day,

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import orjson
-from sqlalchemy import and_, select, update
+from sqlalchemy import Select, and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.db.dialect import upsert
@@ -235,15 +235,11 @@ def fit_summary(summary: Summary) -> FitOutcome:
     return FitOutcome(bgnbd, None, covariance, spend, spend_reason, n, repeaters)
 
 
-async def _purchases(
-    conn: AsyncConnection, shop_id: str, zone: ZoneInfo
-) -> tuple[list[str], list[int], list[int]]:
-    """The shop's purchases: customer, day and net amount (minor units), one per order."""
+def shop_orders(shop_id: str) -> Select[Any]:
+    """The shop's orders of live (unmerged) customers, with the columns that make one a
+    purchase (`is_model_purchase`) and date it (`purchased_at`); callers add conditions."""
     o, c = orders.c, customers.c
-    ids: list[str] = []
-    days: list[int] = []
-    amounts: list[int] = []
-    result = await conn.stream(
+    return (
         select(
             o.customer_id,
             o.created_at,
@@ -264,6 +260,16 @@ async def _purchases(
         )
         .where(o.shop_id == shop_id)
     )
+
+
+async def _purchases(
+    conn: AsyncConnection, shop_id: str, zone: ZoneInfo
+) -> tuple[list[str], list[int], list[int]]:
+    """The shop's purchases: customer, day and net amount (minor units), one per order."""
+    ids: list[str] = []
+    days: list[int] = []
+    amounts: list[int] = []
+    result = await conn.stream(shop_orders(shop_id))
     async for row in result:
         if is_model_purchase(row):
             ids.append(row.customer_id)
