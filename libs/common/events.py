@@ -330,9 +330,11 @@ class LevelChangedData(_Data):
 
 class PredictionChangedData(_Data):
     """A customer's repurchase figures (lifecycle's model): on their first figures, after
-    each purchase, and when P(alive) crosses one of the shop's thresholds."""
+    each purchase, and when P(alive) crosses one of the shop's thresholds; `reason` says
+    which (`first`, `purchase`, `threshold`)."""
 
     customer_id: NonEmpty
+    reason: Literal["first", "purchase", "threshold"] | None = None
     p_alive: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
     expected_purchases_90d: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     next_purchase_at: datetime | None = None

@@ -546,6 +546,8 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             context["repurchase_cycle_days"] = await _repurchase_cycle(
                 request, shop if principal.is_admin else None
             )
+        if body.params.get("days_before_predicted_purchase") is not None:
+            context.update(await _repurchase_model(request, shop if principal.is_admin else None))
         try:
             made = make(name, body.params, context)
         except ValidationError as exc:
@@ -618,6 +620,27 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             raise Problem(503, f"lifecycle answered {r.status_code} for the overview")
         cycle = r.json().get("repurchase_cycle_days") or {}
         return {name.removeprefix("p"): days for name, days in cycle.items()}
+
+    async def _repurchase_model(request: Request, admin_shop: str | None) -> dict[str, Any]:
+        """Whether the shop has a fitted repurchase model (lifecycle's
+        `GET /v1/models/repurchase`, read with the caller's own key), and why not."""
+        base = ctx.settings.lifecycle_url or f"http://127.0.0.1:{ctx.settings.port}"
+        params, headers = _as_caller(request, admin_shop)
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(f"{base}/v1/models/repurchase", params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise Problem(503, f"lifecycle cannot be reached: {exc!r}"[:200]) from None
+        if r.status_code == 200:
+            return {"repurchase_model": True}
+        if r.status_code in (404, 409):
+            why = str(r.json().get("detail") or "")[:300]
+            return {
+                "repurchase_model": False,
+                "repurchase_model_reason": f"the shop has no repurchase model yet ({why}); "
+                "give a delay",
+            }
+        raise Problem(503, f"lifecycle answered {r.status_code} for the repurchase model")
 
     return router
 

@@ -23,6 +23,13 @@ Steps run in order; each has an `id` (unique) and one action:
 - `wait_until`: `{"at": "HH:MM", "until"?: "HH:MM", "weekdays"?: [1..7]}` — the next moment
   inside that daily window (Monday is 1) in the shop's timezone (customers carry no timezone
   of their own yet); at once when already inside it;
+- `wait_until_date`: `{"field": "customer.next_purchase_at", "offset"?: "-P2D",
+  "otherwise": "P30D"}` — until a date the customer carries (today one: lifecycle's
+  predicted next purchase, kept by campaigns from `customer.prediction_changed`) moved by
+  `offset`, read when the enrollment reaches the step; at once when that moment has
+  passed; `otherwise` after the anchor when the customer has no such date. The wait does
+  not move if the date changes later (a journey that should follow it re-enters on the
+  event that changes it; see the `repurchase_reminder` playbook);
 - `wait_for`: `{"event", "match": "order"|"customer", "if"?, "timeout"}` — goes on at
   `then` (default: the next step) when the event comes first, at `on_timeout` (default: the
   next step) when the timeout does;
@@ -235,6 +242,16 @@ class Window(_Strict):
         return self
 
 
+DATE_FIELDS = ("customer.next_purchase_at",)
+"""The dates a `wait_until_date` may name."""
+
+
+class DateWait(_Strict):
+    field: Literal["customer.next_purchase_at"]
+    offset: Offset = timedelta(0)
+    otherwise: Duration
+
+
 class Branch(_Strict):
     if_: Condition = Field(alias="if")
     then: StepId
@@ -258,13 +275,14 @@ class TagChange(_Strict):
         return self
 
 
-ACTIONS = ("wait", "wait_until", "wait_for", "branch", "send", "tag", "exit")
+ACTIONS = ("wait", "wait_until", "wait_until_date", "wait_for", "branch", "send", "tag", "exit")
 
 
 class Step(_Strict):
     id: StepId
     wait: Duration | None = None
     wait_until: Window | None = None
+    wait_until_date: DateWait | None = None
     wait_for: WaitFor | None = None
     branch: Branch | None = None
     send: Send | None = None

@@ -32,7 +32,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -54,7 +54,14 @@ from libs.common.outbox import enqueue
 from libs.common.timers import Timer, schedule, timer_key
 from services.campaigns import projection
 from services.campaigns.conditions import evaluate
-from services.campaigns.definitions import Cap, Definition, Step, Window, parse_definition
+from services.campaigns.definitions import (
+    Cap,
+    DateWait,
+    Definition,
+    Step,
+    Window,
+    parse_definition,
+)
 from services.campaigns.models import (
     counters,
     enrollments,
@@ -515,6 +522,12 @@ class Run:
                 if due > anchor:
                     self.wait(enrollment, step, due, "wait", gated)
                     return
+            elif step.wait_until_date is not None:
+                due = self.date_due(enrollment, step.wait_until_date, anchor)
+                if due > self.now:
+                    self.wait(enrollment, step, due, "wait", gated)
+                    return
+                anchor = max(anchor, due)
             elif step.wait_for is not None:
                 self.wait(enrollment, step, anchor + step.wait_for.timeout, "wait", gated)
                 return
@@ -538,6 +551,15 @@ class Run:
                 return
             index += 1
         self.finish(enrollment, "completed", "completed")
+
+    def date_due(self, enrollment: Enrollment, wait: DateWait, anchor: datetime) -> datetime:
+        """When a `wait_until_date` step ends: the customer's date moved by the offset, or
+        `otherwise` after the anchor when the customer has none."""
+        customer = self.snap.customer(enrollment.shop_id, enrollment.customer_id) or {}
+        date = customer.get(wait.field.removeprefix("customer."))
+        if date is None:
+            return anchor + wait.otherwise
+        return cast(datetime, date) + wait.offset
 
     async def send(
         self, enrollment: Enrollment, definition: Definition, step: Step, anchor: datetime

@@ -40,7 +40,15 @@ Playbooks (category, key):
   cycle at that percentile, which the caller passes as
   `context["repurchase_cycle_days"][str(percentile)]` (days); without it `make` raises
   `ValueError("the shop has no repurchase cycle yet; give a delay")`. Giving both a delay
-  and a percentile is refused.
+  and a percentile is refused. With `days_before_predicted_purchase` (0 to 60) each
+  reminder is instead timed that many days before the customer's own predicted next
+  purchase (lifecycle's repurchase model, `customer.next_purchase_at`): it starts on
+  `customer.prediction_changed` with the figures of a purchase (or the customer's first
+  ones), waits until that date (`wait_until_date`; `delay` after the trigger for a
+  customer without a date), and the next purchase's figures end it and start a fresh one.
+  The caller says the shop has a fitted model with `context["repurchase_model"]` (true);
+  otherwise `make` raises `ValueError` with `context["repurchase_model_reason"]` or
+  "the shop has no repurchase model yet; give a delay".
 - `win_back` (marketing, customer): when the customer's stage becomes `sleeping`, a
   message; `second_delay` (P7D) later, if still sleeping, a second one
   (`second_template`, default `win_back_second`), else the journey ends. Once per customer
@@ -375,10 +383,24 @@ class RepurchaseReminderParams(_Params):
         "delay (needs enough purchase history)",
     )
 
+    days_before_predicted_purchase: int | None = Field(
+        default=None,
+        ge=0,
+        le=60,
+        strict=True,
+        description="Time each reminder this many days before the customer's own predicted "
+        "next purchase (lifecycle's repurchase model; needs a fitted model); `delay` then "
+        "only serves customers without a prediction",
+    )
+
     @model_validator(mode="after")
     def _one_delay(self) -> RepurchaseReminderParams:
         if self.cycle_percentile is not None and "delay" in self.model_fields_set:
             raise ValueError("give either 'delay' or 'cycle_percentile', not both")
+        if self.cycle_percentile is not None and self.days_before_predicted_purchase is not None:
+            raise ValueError(
+                "give either 'cycle_percentile' or 'days_before_predicted_purchase', not both"
+            )
         return self
 
 
@@ -575,7 +597,41 @@ def _cycle_delay(percentile: int, context: Mapping[str, Any]) -> str:
     return format_duration(timedelta(days=days))
 
 
+NO_MODEL = "the shop has no repurchase model yet; give a delay"
+
+_NEW_FIGURES = {
+    "field": "event.reason",
+    "op": "in",
+    "value": ["first", "purchase"],
+}
+"""A customer's figures after a purchase (or their first ones): when a predicted reminder
+starts afresh."""
+
+
 def _repurchase_reminder(p: RepurchaseReminderParams, context: Mapping[str, Any]) -> dict[str, Any]:
+    if p.days_before_predicted_purchase is not None:
+        if not context.get("repurchase_model"):
+            raise ValueError(str(context.get("repurchase_model_reason") or NO_MODEL))
+        renewed = {"event": "customer.prediction_changed", "if": _NEW_FIGURES}
+        return _definition(
+            p,
+            category="marketing",
+            key="customer",
+            trigger=renewed,
+            steps=[
+                {
+                    "id": "wait",
+                    "wait_until_date": {
+                        "field": "customer.next_purchase_at",
+                        "offset": f"-P{p.days_before_predicted_purchase}D",
+                        "otherwise": p.delay,
+                    },
+                },
+                _send(p.channel, p.template, "remind"),
+            ],
+            goals=[{**renewed, "match": "customer"}],
+            reentry={"per": "always"},
+        )
     delay = p.delay if p.cycle_percentile is None else _cycle_delay(p.cycle_percentile, context)
     return _definition(
         p,

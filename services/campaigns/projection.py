@@ -415,6 +415,7 @@ def event_facts(event: Envelope, now: datetime) -> dict[str, Any]:
         "event.expected_purchases_90d": data.get("expected_purchases_90d")
         if event.type == "customer.prediction_changed"
         else None,
+        "event.reason": data.get("reason") if event.type == "customer.prediction_changed" else None,
     }
 
 

@@ -298,7 +298,10 @@ async def _derive_chunk(
                     discriminator=str(derived.level),
                 )
             )
-        if prediction is not None and _prediction_moved(before, derived, prediction, policy):
+        reason = (
+            None if prediction is None else _prediction_news(before, derived, prediction, policy)
+        )
+        if prediction is not None and reason is not None:
             outgoing.append(
                 change_event(
                     "customer.prediction_changed",
@@ -307,6 +310,7 @@ async def _derive_chunk(
                     namespace,
                     {
                         "customer_id": key[1],
+                        "reason": reason,
                         "p_alive": prediction.p_alive,
                         "expected_purchases_90d": prediction.expected_purchases_90d,
                         "next_purchase_at": prediction.next_purchase_at,
@@ -487,14 +491,19 @@ def _figures(
     return found
 
 
-def _prediction_moved(
+def _prediction_news(
     before: Any, derived: Derived, prediction: Figures, policy: StagePolicy
-) -> bool:
-    """Whether the customer's figures are news: the first ones, a purchase since the last,
-    or P(alive) across one of the shop's thresholds."""
-    if before.p_alive is None or before.purchase_days != derived.purchases.count:
-        return True
-    return bool(policy.p_alive_band(before.p_alive) != policy.p_alive_band(prediction.p_alive))
+) -> str | None:
+    """Why the customer's figures are news, if they are: the first ones (`first`), a
+    purchase day since the last (`purchase`), or P(alive) across one of the shop's
+    thresholds (`threshold`)."""
+    if before.p_alive is None:
+        return "first"
+    if before.purchase_days != derived.purchases.count:
+        return "purchase"
+    if policy.p_alive_band(before.p_alive) != policy.p_alive_band(prediction.p_alive):
+        return "threshold"
+    return None
 
 
 def _next_due(

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.campaigns.conditions import evaluate
 from services.campaigns.definitions import Definition, parse_definition, parse_duration
-from services.campaigns.playbooks import NO_CYCLE, OPT_OUT, PLAYBOOKS, VARIABLES, make
+from services.campaigns.playbooks import NO_CYCLE, NO_MODEL, OPT_OUT, PLAYBOOKS, VARIABLES, make
 
 NAMES = (
     "unpaid_reminder",
@@ -376,6 +376,47 @@ def test_repurchase_reminder_cycle() -> None:
         make("repurchase_reminder", {"cycle_percentile": 60}, context)
     with pytest.raises(ValidationError):
         make("repurchase_reminder", {"cycle_percentile": 50, "delay": "P30D"}, context)
+
+
+def test_repurchase_reminder_at_the_predicted_next_purchase() -> None:
+    params = {"days_before_predicted_purchase": 3, "delay": "P20D"}
+    d = parse_definition(make("repurchase_reminder", params, {"repurchase_model": True}))
+    assert d.trigger.event == "customer.prediction_changed"
+    assert [s.action for s in d.steps] == ["wait_until_date", "send"]
+    wait = d.steps[0].wait_until_date
+    assert wait is not None
+    assert (wait.field, wait.offset, wait.otherwise) == (
+        "customer.next_purchase_at",
+        -timedelta(days=3),
+        timedelta(days=20),
+    )
+    # Figures after a purchase (or the first ones) start it afresh; a threshold crossing
+    # neither starts nor ends one.
+    assert d.trigger.if_ is not None
+    for reason, starts in (("purchase", True), ("first", True), ("threshold", False)):
+        assert evaluate(d.trigger.if_, {"event.reason": reason}) is starts
+    (goal,) = d.goals
+    assert (goal.event, goal.match, goal.if_) == (d.trigger.event, "customer", d.trigger.if_)
+    assert d.reentry.per == "always"
+    for ctx in (None, {}, {"repurchase_model": False}):
+        with pytest.raises(ValueError, match="no repurchase model yet"):
+            make("repurchase_reminder", {"days_before_predicted_purchase": 3}, ctx)
+    assert NO_MODEL == "the shop has no repurchase model yet; give a delay"
+    with pytest.raises(ValueError, match="too few repeat buyers"):
+        make(
+            "repurchase_reminder",
+            {"days_before_predicted_purchase": 0},
+            {"repurchase_model": False, "repurchase_model_reason": "too few repeat buyers"},
+        )
+    for days in (-1, 61, "3", True):
+        with pytest.raises(ValidationError):
+            make("repurchase_reminder", {"days_before_predicted_purchase": days}, {})
+    with pytest.raises(ValidationError):
+        make(
+            "repurchase_reminder",
+            {"days_before_predicted_purchase": 3, "cycle_percentile": 50},
+            {"repurchase_model": True, "repurchase_cycle_days": {"50": 9}},
+        )
 
 
 def test_win_back_shape() -> None:

@@ -150,6 +150,11 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     await platform.settle(("order.paid",))
     r = await platform.request("GET", "/v1/models/repurchase", key=key)
     assert r.status_code == 404, r.text  # the first scheduled fit is minutes away
+    predicted_reminder = {"params": {"days_before_predicted_purchase": 2, "holdout_percent": 0}}
+    r = await platform.request(
+        "POST", "/v1/playbooks/repurchase_reminder", key=key, json=predicted_reminder
+    )
+    assert r.status_code == 422 and "no repurchase model yet" in r.text, r.text
 
     # A journey on the figures lifecycle announces: customers likely gone get a tag.
     r = await platform.request(
@@ -212,6 +217,44 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
 
     await until(tagged, within=120)
 
+    # The repurchase reminder timed at each customer's predicted next purchase, less 2 days.
+    r = await platform.request(
+        "POST",
+        "/v1/playbooks/repurchase_reminder",
+        key=key,
+        json={**predicted_reminder, "activate": True},
+    )
+    assert r.status_code == 201, r.text
+    reminder = r.json()["journey_id"]
+    figures = {"customer_id": "c0003", "p_alive": 0.5, "expected_purchases_90d": 0.2}
+    announced = datetime.now(UTC).replace(microsecond=0)
+    for extra, first in (
+        ({}, {"step": "wait", "mode": "wait"}),  # no date: `delay` (P30D) after the event
+        ({"next_purchase_at": "2020-01-01T00:00:00Z"}, {"step": "remind"}),  # passed: at once
+    ):
+        r = await platform.request(
+            "POST",
+            f"/v1/journeys/{reminder}/dry-run",
+            key=key,
+            json={
+                "customer_id": "c0003",
+                "event": {
+                    "id": uuid.uuid4().hex,
+                    "source": "test",
+                    "type": "customer.prediction_changed",
+                    "time": announced.isoformat(),
+                    "subject": "c0003",
+                    "data": {**figures, "reason": "purchase", **extra},
+                },
+            },
+        )
+        assert r.status_code == 200, r.text
+        step = next(p for p in r.json()["path"] if "step" in p)
+        assert first.items() <= step.items(), r.json()
+        if not extra:
+            due = announced + timedelta(days=30)
+            assert datetime.fromisoformat(step["wait_until"]) == due
+
     # The 39 holdout weeks as a promotion window: the product's forecast is the model's
     # (summed here from the paper's equations) and lies near what CDNOW's customers did.
     opens = datetime.now(UTC) + timedelta(hours=1)
@@ -271,6 +314,48 @@ async def test_cdnow_through_the_product_reproduces_the_paper(platform: Platform
     shown = r.json()
     assert shown["forecast"] == kept
     assert shown["actual"]["purchase_days"] == 2 and shown["actual"]["complete"] is False
+
+    # The purchases' figures enrolled the buyers in the predicted reminder (c-new with its
+    # first figures), each waiting until 2 days before its own predicted next purchase.
+    async def reminders() -> dict[str, list[dict[str, Any]]]:
+        r = await platform.request(
+            "GET", f"/v1/journeys/{reminder}/enrollments", key=key, params={"limit": 500}
+        )
+        assert r.status_code == 200, r.text
+        found: dict[str, list[dict[str, Any]]] = {}
+        for e in r.json()["items"]:
+            found.setdefault(e["customer_id"], []).append(e)
+        return found
+
+    async def reminded(buyers: dict[str, int]) -> bool:
+        found = await reminders()
+        return {c: len(es) for c, es in found.items()} == buyers
+
+    await until(lambda: reminded({"c0001": 1, "c0002": 1, "c-new": 1}), within=120)
+    items.update(await listed(platform, key))
+
+    def timed_right(enrollment: dict[str, Any]) -> bool:
+        predicted = datetime.fromisoformat(
+            items[enrollment["customer_id"]]["prediction"]["next_purchase_at"]
+        )
+        due = datetime.fromisoformat(enrollment["due_at"])
+        return enrollment["status"] == "waiting" and due == predicted - timedelta(days=2)
+
+    assert all(timed_right(es[0]) for es in (await reminders()).values())
+    # c-new buys again (an order dated yesterday: a second purchase day): its reminder
+    # ends and a fresh one waits for its new prediction.
+    yesterday = paid_order(shop, "c-new", "w5", at - timedelta(days=1), 700)
+    r = await platform.request("POST", "/v1/events", key=key, json=[yesterday])
+    assert r.status_code == 202, r.text
+    await until(lambda: reminded({"c0001": 1, "c0002": 1, "c-new": 2}), within=120)
+    items.update(await listed(platform, key))
+    ended, fresh = sorted((await reminders())["c-new"], key=lambda e: e["entered_at"])
+    assert (ended["status"], ended["exit_reason"]) == (
+        "exited",
+        "goal:customer.prediction_changed",
+    )
+    assert timed_right(fresh)
+    assert fresh["due_at"] != ended["due_at"]
 
     # Stages by P(alive): repeat buyers past the active window are silent, sleeping or
     # churned by the model; one-time buyers (P(alive) 1 by construction) keep day counts.
