@@ -21,7 +21,19 @@ from libs.common.settings import Settings
 from tests.servers import SINGLE_BROKER
 
 MODES = ("embedded", "distributed")
-PATHS = ("ingest", "lifecycle", "e2e", "timers", "campaigns", "notifier", "memory", "celery")
+PATHS = (
+    "ingest",
+    "lifecycle",
+    "e2e",
+    "timers",
+    "campaigns",
+    "notifier",
+    "memory",
+    "prediction",
+    "celery",
+)
+EMBEDDED_ONLY = ("prediction",)
+"""Paths that never touch the stack: measured once, in the embedded mode."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Size:
     """Longest the run waits for Celery's worker to take in `celery_hold` reminders."""
     memory_events: int
     memory_checkpoints: int
+    prediction_customers: int
     distributed_paths: tuple[str, ...] = PATHS
     warmup_s: float = 1.0
     """Load before each measured ingest run (and once before the end-to-end runs)."""
@@ -76,6 +89,7 @@ SIZES = {
         celery_hold_seconds=0,
         memory_events=2_000,
         memory_checkpoints=2,
+        prediction_customers=20_000,
         distributed_paths=("timers",),
         timer_phases=("x1", "raw1", "skew"),
         warmup_s=0,
@@ -99,6 +113,7 @@ SIZES = {
         celery_hold_seconds=30,
         memory_events=10_000,
         memory_checkpoints=3,
+        prediction_customers=200_000,
         warmup_s=0.5,
     ),
     "full": Size(
@@ -122,6 +137,7 @@ SIZES = {
         celery_hold_seconds=300,
         memory_events=1_000_000,
         memory_checkpoints=5,
+        prediction_customers=1_000_000,
     ),
 }
 

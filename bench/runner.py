@@ -16,9 +16,19 @@ import orjson
 import uvloop
 
 from bench import machine, report, tools
-from bench.core import MODES, PATHS, SIZES, Profiler, Run, Stack
+from bench.core import EMBEDDED_ONLY, MODES, PATHS, SIZES, Profiler, Run, Stack
 from bench.infra import ROOT
-from bench.paths import campaigns, celery, e2e, ingest, lifecycle, memory, notifier, timers
+from bench.paths import (
+    campaigns,
+    celery,
+    e2e,
+    ingest,
+    lifecycle,
+    memory,
+    notifier,
+    prediction,
+    timers,
+)
 
 RESULTS = ROOT / "bench" / "results"
 PathRunner = Callable[[Run, Stack], Awaitable[None]]
@@ -30,6 +40,7 @@ RUNNERS: dict[str, PathRunner] = {
     "campaigns": campaigns.measure,
     "notifier": notifier.measure,
     "memory": memory.measure,
+    "prediction": prediction.measure,
 }
 
 
@@ -87,7 +98,8 @@ async def run_suite(args: argparse.Namespace) -> int:
             todo = [
                 p
                 for p in paths
-                if p in RUNNERS and (mode == "embedded" or p in size.distributed_paths)
+                if p in RUNNERS
+                and (mode == "embedded" or (p in size.distributed_paths and p not in EMBEDDED_ONLY))
             ]
             if not todo:
                 continue

@@ -418,7 +418,8 @@ def test_gamma_gamma_refusals(cdnow: Summary) -> None:
 
 
 def test_fit_over_200000_synthetic_customers_recovers_the_truth() -> None:
-    # A smaller run of bench/prediction_fit.py (1,000,000 customers, timed there, not here).
+    # A smaller run of the bench path `prediction` (1,000,000 customers in `full`, timed
+    # there, not here).
     truth = {"r": 0.243, "alpha": 30.9, "a": 0.793, "b": 2.426}
     rng = np.random.default_rng(7)
     x, t_x, T = simulate_bgnbd(rng, 200_000, r=0.243, alpha=30.9, a=0.793, b=2.426)
