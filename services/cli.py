@@ -78,6 +78,9 @@ def _serve(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
         access_log=False,
         loop="uvloop",
         http="httptools",
+        # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then
+        # the lifespan's shutdown lets each consumer finish its batch (`Runtime.stop`).
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
 
 

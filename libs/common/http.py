@@ -28,6 +28,10 @@ DOCS_ASSETS = "/docs/assets"
 """Where the Swagger UI and ReDoc files are served (from the `fastapi_offline` package)."""
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods kept as label values; any other a client sends is counted as `other`."""
+
+
 class HttpMetrics:
     """Counts requests and their latency by route template (pure ASGI, no body copies)."""
 
@@ -51,7 +55,7 @@ class HttpMetrics:
             await self.app(scope, receive, send_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in _METHODS else "other"
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
             metrics.HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
 
@@ -111,7 +115,9 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
             *(check(f"db:{db.schema}", db.ping) for db in runtime.databases),
         )
         checks.update(runtime.health())
-        if all(v == "ok" for v in checks.values()):
+        ready = all(v == "ok" for v in checks.values())
+        metrics.READY.set(1 if ready else 0)
+        if ready:
             return {"status": "ready", "checks": checks}
         return problem_response(503, "not ready", checks=checks)
 

@@ -52,3 +52,8 @@ HTTP_SECONDS = Histogram(
     ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
+READY = Gauge(
+    "huitou_ready",
+    "1 when this process's last /readyz check passed, 0 when it failed (set at each check: "
+    "the orchestrator's readiness probe keeps it current)",
+)

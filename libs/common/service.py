@@ -9,6 +9,7 @@ set of services on one bus: all four in one process (`huitou up`), or one per pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,9 +233,13 @@ class Runtime:
         log.info("services started", extra={"services": [s.name for s in self.specs]})
 
     async def stop(self) -> None:
+        """Stop everything: each consumer first finishes the batch in hand (at most
+        `shutdown_grace_s`, all consumers at once), commits it and leaves its group."""
+        grace = self.settings.shutdown_grace_s
+        await asyncio.gather(
+            *(c.stop(grace) for running in self.services for c in running.consumers)
+        )
         for running in self.services:
-            for consumer in running.consumers:
-                await consumer.stop()
             running.consumers.clear()
             if running.timers is not None:
                 await running.timers.stop()

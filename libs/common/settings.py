@@ -8,7 +8,7 @@ Setting `HUITOU_DATABASE_URL` to `postgresql+asyncpg://…` and `HUITOU_BUS_URL`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     """The first retry's delay after a provider's transient failure (timeout, 5xx,
     throttling), doubling with each attempt (with jitter, at most 5 minutes); also how
     soon a call whose answer was lost is checked with the provider."""
+
+    notifier_default_smtp: dict[str, Any] | None = None
+    """The email channel of every shop that configured none (default: the `outbox`
+    provider, which sends nothing): the `smtp` provider's settings as JSON, e.g.
+    `{"host": "mailpit", "port": 1025, "tls": "none", "from": "Huitou <noreply@huitou.local>"}`
+    (Docker Compose points it at Mailpit). A shop's own channel always wins."""
+    shutdown_grace_s: float = Field(default=20, ge=0)
+    """On SIGTERM, how long the process lets in-flight HTTP requests finish, and then how
+    long each consumer may take to finish its current batch, commit it and leave its group
+    (after that the batch is rolled back and delivered again). Kubernetes'
+    `terminationGracePeriodSeconds` must cover twice this plus the `preStop` delay."""
 
     log_level: str = "INFO"
 

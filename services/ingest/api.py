@@ -319,7 +319,8 @@ def build_router(
                 raise Problem(
                     exc.status, exc.message, errors=[{"field": exc.field, "message": exc.message}]
                 ) from None
-            outcome.topic = normalized.topic
+            # A topic the adapter has no handler for is the sender's free text: never a label.
+            outcome.topic = normalized.topic if normalized.events else "unused"
             foreign = deliveries.foreign_money(
                 normalized.events, {shop_id: shop.currency}, numbered=False
             )

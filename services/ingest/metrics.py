@@ -12,7 +12,9 @@ DELIVERIES = Counter(
     ["platform", "topic", "outcome"],
 )
 """outcome: accepted, duplicate, ignored (a topic Huitou does not use), unauthorized,
-invalid, unknown_shop, too_large, bus_unavailable."""
+invalid, unknown_shop, too_large, bus_unavailable. topic: the platform's topic of a delivery
+that carried events, `canonical` for Huitou's own format, `unknown` before the signature
+verified, `unused` for one that carried none (a sender's topic is free text otherwise)."""
 
 EVENTS = Counter("huitou_ingest_events_total", "Canonical events published", ["platform", "type"])
 REQUEST_SECONDS = Histogram(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
-from libs.common.timers import Timer
+from libs.common.timers import Recurring, Timer
 from services.lifecycle import migrations, predictions_api
 from services.lifecycle.api import build_router
 from services.lifecycle.derivation import (
@@ -17,6 +19,7 @@ from services.lifecycle.derivation import (
     restage_shop_timer,
 )
 from services.lifecycle.handlers import apply_events
+from services.lifecycle.metrics import count_stages
 from services.lifecycle.repurchase import FIT_TIMER, on_fit_timers
 from services.lifecycle.tagging import TAG_REQUEST_TIMER, apply_requests, on_tag_request_timers
 
@@ -74,6 +77,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
         },
         # A fit takes seconds on a large shop: apart, it never delays a restage.
         timer_lanes=[[FIT_TIMER]],
+        recurring=[Recurring("lifecycle.count_stages", timedelta(seconds=60), count_stages)],
     )
 
 

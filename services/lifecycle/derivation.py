@@ -33,6 +33,7 @@ from libs.common.db.keysets import (
 from libs.common.outbox import enqueue
 from libs.common.timers import Timer, cancel, schedule, timer_key
 from services.lifecycle.emitted import change_event, tag_event
+from services.lifecycle.metrics import count_transitions
 from services.lifecycle.models import customer_tags, customers, orders, stage_history, tags
 from services.lifecycle.orders import is_purchase, order_status, purchased_at
 from services.lifecycle.policies import load_policies
@@ -126,6 +127,8 @@ class _ChunkChanges:
 
     async def write(self, conn: AsyncConnection) -> None:
         ct = customer_tags.c
+        # Counted as written (a batch that fails and is retried counts again: rare).
+        count_transitions(self.history)
         if self.history:
             names = list(self.history[0])
             await conn.execute(

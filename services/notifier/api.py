@@ -17,7 +17,7 @@ from libs.common.db.dialect import upsert
 from libs.common.problems import Problem, field_errors
 from libs.common.service import ServiceContext
 from services.notifier import consent, links, rules, templates
-from services.notifier.config import OUTBOX, load_channels, load_policies
+from services.notifier.config import OUTBOX, default_channels, load_channels, load_policies
 from services.notifier.models import channels, history, messages, policies
 from services.notifier.models import templates as template_rows
 from services.notifier.providers.base import Adapter
@@ -137,6 +137,7 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter(tags=["notifier"])
     Auth = Annotated[Principal, Depends(ctx.auth)]
+    defaults = default_channels(ctx.settings)
     ShopParam = Annotated[
         str | None,
         Query(description="required with the admin key", max_length=64, pattern=NO_CONTROL),
@@ -278,7 +279,7 @@ def build_router(
         """The channel's provider and settings, credentials left out."""
         shop = principal.shop(shop_id)
         async with ctx.db.begin() as conn:
-            found = (await load_channels(conn, [shop])).get((shop, channel), OUTBOX)
+            found = (await load_channels(conn, [shop], defaults)).get((shop, channel), OUTBOX)
             urls = await _callback_urls(conn, shop, [found.provider, found.fallback_provider])
         return _channel_out(channel, found.provider, found.fallback_provider, found.settings, urls)
 

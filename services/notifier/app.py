@@ -14,6 +14,7 @@ from libs.common.events import Envelope
 from libs.common.service import ServiceContext, ServiceParts, ServiceSpec, Subscription
 from services.notifier import links, migrations
 from services.notifier.api import build_router
+from services.notifier.config import default_channels
 from services.notifier.intake import SEND_TIMER, accept
 from services.notifier.public import build_public_router
 from services.notifier.registry import adapters
@@ -39,6 +40,7 @@ def build(ctx: ServiceContext) -> ServiceParts:
     namespace = ctx.settings.topic_namespace
     found = adapters()
     public_base = links.public_base(ctx.settings)
+    defaults = default_channels(ctx.settings)
     sending = Sending(
         ctx.db,
         found,
@@ -46,11 +48,17 @@ def build(ctx: ServiceContext) -> ServiceParts:
         public_base=public_base,
         reconcile_after=timedelta(seconds=ctx.settings.notifier_reconcile_after_s),
         retry_base=timedelta(seconds=ctx.settings.notifier_retry_base_s),
+        defaults=defaults,
     )
 
     async def requested(conn: AsyncConnection, events: list[Envelope]) -> None:
         await accept(
-            conn, events, namespace=namespace, now=datetime.now(UTC), public_base=public_base
+            conn,
+            events,
+            namespace=namespace,
+            now=datetime.now(UTC),
+            public_base=public_base,
+            defaults=defaults,
         )
 
     router = build_router(ctx, found, clock=lambda: datetime.now(UTC))

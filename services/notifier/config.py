@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.common.settings import Settings
 from services.notifier import rules
 from services.notifier.models import channels, policies
+from services.notifier.providers.smtp import SmtpSettings
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,29 @@ OUTBOX = Channel("outbox", {})
 """Every channel a shop has not configured."""
 
 
+def default_channels(settings: Settings) -> dict[str, Channel]:
+    """The platform's channel for shops that configured none, by channel name (only
+    email, when `HUITOU_NOTIFIER_DEFAULT_SMTP` is set); refuses invalid SMTP settings."""
+    if settings.notifier_default_smtp is None:
+        return {}
+    try:
+        SmtpSettings.model_validate(settings.notifier_default_smtp)
+    except ValidationError as exc:
+        raise ValueError(f"HUITOU_NOTIFIER_DEFAULT_SMTP is invalid: {exc}") from None
+    return {"email": Channel("smtp", dict(settings.notifier_default_smtp))}
+
+
 async def load_channels(
-    conn: AsyncConnection, shop_ids: Iterable[str]
+    conn: AsyncConnection,
+    shop_ids: Iterable[str],
+    defaults: Mapping[str, Channel] | None = None,
 ) -> dict[tuple[str, str], Channel]:
-    """(shop, channel) → its configuration, for the channels the shops configured."""
+    """(shop, channel) → its configuration, for the channels the shops configured, and
+    for each shop the platform's `defaults` of the channels it did not configure."""
     wanted = sorted(set(shop_ids))
     if not wanted:
         return {}
-    return {
+    found = {
         (r.shop_id, r.channel): Channel(
             r.provider,
             orjson.loads(r.settings),
@@ -49,6 +67,10 @@ async def load_channels(
         )
         for r in await conn.execute(select(channels).where(channels.c.shop_id.in_(wanted)))
     }
+    for shop in wanted:
+        for name, channel in (defaults or {}).items():
+            found.setdefault((shop, name), channel)
+    return found
 
 
 async def load_policies(conn: AsyncConnection, shop_ids: Iterable[str]) -> dict[str, rules.Policy]:

@@ -10,6 +10,7 @@ messages get a `notify.send` timer, which the sending path fires (`sending.py`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,6 +64,7 @@ async def load_context(
     *,
     public_base: str,
     now: datetime,
+    defaults: Mapping[str, Channel] | None = None,
 ) -> Context:
     shop_ids = sorted({shop for shop, _ in wanted})
     zones: dict[str, ZoneInfo] = {}
@@ -73,7 +75,7 @@ async def load_context(
         zones[shop] = ZoneInfo(zone) if zone else ZoneInfo("UTC")
         shop_names[shop] = name
     found_policies = await load_policies(conn, shop_ids)
-    found_channels = await load_channels(conn, shop_ids)
+    found_channels = await load_channels(conn, shop_ids, defaults)
     names = {(shop, d.template) for shop, d in wanted}
     found_templates = {}
     for where in by_shop(template_rows, "name", names):
@@ -120,8 +122,10 @@ async def accept(
     namespace: str,
     now: datetime,
     public_base: str,
+    defaults: Mapping[str, Channel] | None = None,
 ) -> None:
-    """Turn a batch of requests into messages (see the module docstring)."""
+    """Turn a batch of requests into messages (see the module docstring); `defaults` are
+    the platform's channels for shops that configured none (`config.default_channels`)."""
     wanted: dict[tuple[str, str], tuple[Envelope, NotificationRequestedData]] = {}
     for event in events:
         if event.type != "notification.requested":
@@ -140,7 +144,11 @@ async def accept(
     if not wanted:
         return
     context = await load_context(
-        conn, [(e.shop_id, d) for e, d in wanted.values()], public_base=public_base, now=now
+        conn,
+        [(e.shop_id, d) for e, d in wanted.values()],
+        public_base=public_base,
+        now=now,
+        defaults=defaults,
     )
     rows: list[dict[str, Any]] = []
     changes: list[Change] = []

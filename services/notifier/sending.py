@@ -181,8 +181,11 @@ class Sending:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         concurrency: int = 64,
         finish_batch: int = 200,
+        defaults: Mapping[str, Channel] | None = None,
     ) -> None:
         self.db = db
+        self.defaults = dict(defaults or {})
+        """The platform's channels for shops that configured none."""
         self.adapters = adapters
         self.namespace = namespace
         self.public_base = public_base
@@ -222,7 +225,7 @@ class Sending:
             return
         shops = {r.shop_id for r in rows}
         policy = await load_policies(conn, shops)
-        configured = await load_channels(conn, shops)
+        configured = await load_channels(conn, shops, self.defaults)
         links_of = await Links.of(conn, self.public_base, rows, now)
         by_bucket: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
@@ -276,7 +279,7 @@ class Sending:
         rows = await self._rows(conn, fired, ("sending",))
         if not rows:
             return
-        configured = await load_channels(conn, {r.shop_id for r in rows})
+        configured = await load_channels(conn, {r.shop_id for r in rows}, self.defaults)
         links_of = await Links.of(conn, self.public_base, rows, now)
         # The safety net stays: if this process dies before asking, the next one asks.
         due = now + self.reconcile_after
@@ -439,7 +442,7 @@ class Sending:
                 else:
                     detail = "not_sent" if outcome is None else _reason(outcome)
                     if fallbacks is None:
-                        fallbacks = await load_channels(conn, {s for s, _ in keys})
+                        fallbacks = await load_channels(conn, {s for s, _ in keys}, self.defaults)
                     fallback = fallbacks.get((shop, row["channel"]), OUTBOX).fallback_provider
                     if fallback and fallback != row["provider"] and not row["fallback_used"]:
                         status, reason = "queued", f"failover from {row['provider']}: {detail}"

@@ -115,6 +115,46 @@ async def test_batch_stopped_mid_handler_is_delivered_again(bus: Bus, settings: 
     assert sorted(again.values()) == sorted(m.value for m in messages(t, 20))
 
 
+async def test_a_graceful_stop_finishes_and_commits_the_batch_in_hand(
+    bus: Bus, settings: Settings
+) -> None:
+    """SIGTERM's path (`Runtime.stop`): the batch being handled when the stop comes is
+    finished and committed, no new one is begun, and the next member of the group gets
+    exactly the rest — nothing handled twice."""
+    t = topic(settings)
+    await bus.ensure_topics([t])
+    await bus.publish(messages(t, 60))
+    started, release = asyncio.Event(), asyncio.Event()
+    first = Collector()
+
+    async def slow(batch: list[Received]) -> None:
+        started.set()
+        await release.wait()
+        await first(batch)
+
+    consumer = bus.consumer("g-graceful", [t], slow, batch_size=10)
+    await consumer.start()
+    await asyncio.wait_for(started.wait(), 30)
+    stopping = asyncio.create_task(consumer.stop(grace=30))
+    await asyncio.sleep(0)  # the stop is under way while the handler still works
+    assert not stopping.done()
+    release.set()
+    await asyncio.wait_for(stopping, 40)
+    assert 0 < len(first.seen) <= 10  # the batch in hand, and no other
+
+    rest = Collector()
+    consumer = bus.consumer("g-graceful", [t], rest)
+    await consumer.start()
+    expected = 60 - len(first.seen)
+    await eventually(lambda: _ready(len(rest.seen) >= expected))
+    markers = [Message(t, f"k{i}", f"marker{i}".encode()) for i in range(5)]
+    await bus.publish(markers)
+    await eventually(lambda: _ready({m.value for m in markers} <= set(rest.values())))
+    await consumer.stop()
+    again = [v for v in rest.values() if not v.startswith(b"marker")]
+    assert sorted(first.values() + again) == sorted(m.value for m in messages(t, 60))
+
+
 async def test_each_group_sees_every_message(bus: Bus, settings: Settings) -> None:
     t = topic(settings)
     await bus.ensure_topics([t])

@@ -226,21 +226,30 @@ class Consumer:
         self._last_error: BaseException | None = None
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        """Set by `stop`: the loop ends after the batch in hand."""
         self._progress_at = time.monotonic()
         """When the loop last completed something: a fetch, or a handler call."""
 
     async def start(self) -> None:
+        self._stopping.clear()
         self._source = self.bus._source(self.group, self.topics)
         await self._source.start()
         self._progress_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group}")
         self._task.add_done_callback(self._ended)
 
-    async def stop(self) -> None:
-        """Stop at once; an unfinished batch is rolled back and delivered again later."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop: let the batch in hand finish (handled and committed) for up to `grace`
+        seconds, then cancel — a batch cut short is rolled back and delivered again — and
+        leave the group (Kafka: its partitions move to the other members at once)."""
         task, self._task = self._task, None
         if task is not None:
             task.remove_done_callback(self._ended)
+            self._stopping.set()
+            if grace > 0:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), grace)
             task.cancel()
             # A loop that died has been logged already (`_ended`).
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -278,7 +287,7 @@ class Consumer:
     async def _run(self) -> None:
         assert self._source is not None
         source = self._source
-        while True:
+        while not self._stopping.is_set():
             try:
                 batch = await source.fetch(self.batch_size, max_wait=1.0)
                 reached = source.fetched_through()
@@ -290,6 +299,8 @@ class Consumer:
                 continue
             finally:
                 self._progress_at = time.monotonic()
+            if self._stopping.is_set():
+                break  # stopping: a batch fetched meanwhile is not started (nor committed)
             self._report_lag(source)
             if batch:
                 await self._handle(batch)
