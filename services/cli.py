@@ -85,12 +85,18 @@ def _serve(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
 
 
 async def _migrate(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
+    """The services' database migrations, and on Kafka the topics (each with its
+    dead-letter topic, `HUITOU_TOPIC_PARTITIONS` partitions and the replication settings):
+    what a deployment runs once before the services start (Compose's `migrate` service,
+    the Kubernetes Job)."""
     runtime = Runtime(settings, specs)
     try:
         await runtime.migrate()
     finally:
         for db in runtime.databases:
             await db.dispose()
+    if not settings.embedded_bus:
+        await _check_bus(settings)
 
 
 def _full_topic(settings: Settings, topic: str) -> str:
@@ -124,12 +130,21 @@ async def _retry_timers(specs: Sequence[ServiceSpec], settings: Settings) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `huitou` command line (the deployment tests check every command a manifest
+    runs against it)."""
     parser = argparse.ArgumentParser(prog="huitou", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="all four services in one process (embedded)")
     serve = commands.add_parser("serve", help="one service in this process")
     serve.add_argument("service", choices=sorted(SERVICES))
-    migrate = commands.add_parser("migrate", help="apply every service's migrations")
+    migrate = commands.add_parser(
+        "migrate", help="apply every service's migrations (and create the Kafka topics)"
+    )
     migrate.add_argument("service", nargs="?", choices=sorted(SERVICES))
     for command in (up, serve):
         command.add_argument("--host", help="default 127.0.0.1 (HUITOU_HOST)")
@@ -148,8 +163,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "retry", help="move dead timers back to the pending ones, due now"
     )
     retry.add_argument("--service", choices=sorted(SERVICES), help="default: every service")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace) -> None:
     settings = Settings()
     overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     settings = settings.model_copy(update=overrides)
@@ -172,8 +189,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         configure_logging(settings.log_level)
         specs = [SERVICES[args.service]] if args.service else list(SERVICES.values())
-        asyncio.run(_migrate(settings, specs))
-        print("migrations applied", flush=True)
+        try:
+            asyncio.run(_migrate(settings, specs))
+        except BusConfigurationError as exc:
+            sys.exit(f"huitou: {exc}")
+        print("migrations applied" + ("" if settings.embedded_bus else ", topics ready"), flush=True)
 
 
 if __name__ == "__main__":
