@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> None:
             asyncio.run(_migrate(settings, specs))
         except BusConfigurationError as exc:
             sys.exit(f"huitou: {exc}")
-        print("migrations applied" + ("" if settings.embedded_bus else ", topics ready"), flush=True)
+        topics = "" if settings.embedded_bus else ", topics ready"
+        print(f"migrations applied{topics}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from libs.common.settings import Settings
+from tests.metrics_check import cardinality_problems
+from tests.metrics_check import parse as parse_exposition
 from tests.platform import Platform
 from tests.servers import SINGLE_BROKER, Broker, fresh_database, kafka_broker, postgres
 
@@ -127,6 +130,23 @@ async def platform(
         notifier_reconcile_after_s=3,
     ) as started:
         yield started
+        # After every test that used it: each process's metrics stay bounded.
+        problems = await scrape_problems(started)
+        assert not problems, "\n".join(problems)
+
+
+async def scrape_problems(platform: Platform) -> list[str]:
+    """Cardinality problems in the `/metrics` of every running process of the platform."""
+    problems: list[str] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for name, process in platform.processes.items():
+            if process.poll() is not None:
+                continue
+            port = platform.ports[name]
+            r = await client.get(f"http://127.0.0.1:{port}/metrics")
+            assert r.status_code == 200, r.text
+            problems += cardinality_problems(parse_exposition(r.text), name)
+    return problems
 
 
 @pytest.fixture(scope="module", params=MODES)
