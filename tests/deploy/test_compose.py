@@ -1,13 +1,15 @@
 """docker-compose.yml, checked offline: valid for Compose (its own loader, `docker-compose
-config`), and in agreement with the code — every `HUITOU_*` variable it sets is a setting
-and parses, every command is a real `huitou` command, the services wait for the migration,
-Prometheus scrapes all four, Grafana's and Prometheus's files exist, and the notifier's
-default email channel points at Mailpit."""
+config`, and the Compose specification's JSON schema), and in agreement with the code —
+every `HUITOU_*` variable it sets is a setting and parses, every command is a real `huitou`
+command, the services wait for the migration, Prometheus scrapes all four, Grafana's and
+Prometheus's files exist, and the notifier's default email channel points at Mailpit."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,32 @@ def compose() -> dict[str, Any]:
     )
     config: dict[str, Any] = json.loads(out)
     return config
+
+
+def spec_problems(path: Path) -> subprocess.CompletedProcess[str]:
+    """The file against the Compose specification's JSON schema (check-jsonschema's copy),
+    beside Compose's own loader above."""
+    return subprocess.run(
+        [
+            sys.executable,
+            *("-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_the_file_follows_the_compose_spec() -> None:
+    result = spec_problems(ROOT / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_spec_check_rejects_a_broken_file(tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yml"
+    broken.write_text("services:\n  ingest:\n    ports: 8000\n    healthcheck: yes\n")
+    assert spec_problems(broken).returncode != 0
 
 
 def huitou_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
