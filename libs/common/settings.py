@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     notifier_url: str | None = None
     """Base URL of the notifier, where campaigns saves a playbook's default templates
     (with the operator's key) when the shop has none of that name; default: this process."""
+    campaigns_url: str | None = None
+    """Base URL of the campaigns service, for the operator console (served by ingest);
+    default: this process."""
     journey_watermark_max_hold_s: float = Field(default=60, ge=0)
     """How long past its due time a wait that an event could cancel may be held while
     campaigns has not consumed every partition up to that time (then it fires anyway)."""

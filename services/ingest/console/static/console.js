@@ -1,0 +1,38 @@
+// Huitou console: draws the charts of the page from the JSON the server put in it.
+// No inline script anywhere (the Content-Security-Policy forbids it): each chart is a
+// <div data-chart="kind" data-source="id of a <script type=application/json>">.
+(function () {
+  "use strict";
+
+  function funnel(el, data) {
+    var chart = window.echarts.init(el);
+    chart.setOption({
+      aria: { enabled: true },
+      tooltip: { trigger: "item", formatter: "{b}: {c}" },
+      series: [{
+        type: "funnel",
+        sort: "none",
+        minSize: "8%",
+        label: { show: true, position: "inside", formatter: "{b} {c}" },
+        data: data.map(function (d) { return { name: d.name, value: d.value, stage: d.stage }; })
+      }]
+    });
+    chart.on("click", function (p) {
+      window.location.href = "/console/customers?stage=" + encodeURIComponent(p.data.stage);
+    });
+    window.addEventListener("resize", function () { chart.resize(); });
+  }
+
+  var kinds = { funnel: funnel };
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-chart]").forEach(function (el) {
+      var source = document.getElementById(el.getAttribute("data-source"));
+      var draw = kinds[el.getAttribute("data-chart")];
+      if (source && draw && window.echarts) {
+        draw(el, JSON.parse(source.textContent));
+        el.setAttribute("data-drawn", "true");
+      }
+    });
+  });
+})();
