@@ -19,8 +19,18 @@ run: $(STAMP)
 	$(BIN)/huitou up
 
 ## ruff, mypy, then the whole test suite (starts its own PostgreSQL and Kafka-protocol broker).
-test: $(STAMP) lint
+test: $(STAMP) lint $(BIN)/promtool browser
 	$(BIN)/python -m pytest -q
+
+## promtool (not on PyPI) for tests/deploy/test_alerts.py: unpacked from Debian's package.
+$(BIN)/promtool: scripts/install-promtool.sh
+	bash scripts/install-promtool.sh
+	touch $@
+
+## Debian's Chromium and a CJK font for the console's browser tests (tests/console/).
+.PHONY: browser
+browser:
+	bash scripts/install-browser.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests bench

@@ -8,8 +8,11 @@ import argparse
 import asyncio
 import secrets
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
+import httpx
 import uvicorn
 
 from libs.common.bus import BusConfigurationError, create_bus, replay_dead_letters
@@ -70,6 +73,8 @@ def _serve(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
         f"{settings.port}  docs: http://{settings.host}:{settings.port}/docs",
         flush=True,
     )
+    if generated and any(s.name == "ingest" for s in specs):
+        threading.Thread(target=_demo_shop, args=(settings,), daemon=True).start()
     uvicorn.run(
         build_app(settings, specs),
         host=settings.host,
@@ -81,6 +86,49 @@ def _serve(settings: Settings, specs: Sequence[ServiceSpec]) -> None:
         # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then
         # the lifespan's shutdown lets each consumer finish its batch (`Runtime.stop`).
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+    )
+
+
+DEMO_SHOP = {
+    "shop_id": "demo",
+    "name": "演示小店 Demo shop",
+    "timezone": "Asia/Shanghai",
+    "currency": "CNY",
+}
+
+
+def _demo_shop(settings: Settings) -> None:
+    """On a local first run (`huitou up` with the admin key kept in the data folder): once
+    the platform answers, make the shop `demo` and a key for it (kept in
+    `<data dir>/demo_shop_key`), and print where the console is and the key to sign in
+    with — a new user needs nothing else."""
+    base = f"http://127.0.0.1:{settings.port}"
+    path = settings.data_dir / "demo_shop_key"
+    admin = {"Authorization": f"Bearer {settings.admin_key}"}
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for _ in range(600):
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            if not path.exists():
+                r = client.post("/v1/shops", json=DEMO_SHOP, headers=admin)
+                if r.status_code not in (201, 409):
+                    raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+                r = client.post(f"/v1/shops/{DEMO_SHOP['shop_id']}/keys", headers=admin)
+                r.raise_for_status()
+                path.write_text(r.json()["key"] + "\n")
+                path.chmod(0o600)
+    except (httpx.HTTPError, RuntimeError, OSError) as exc:
+        print(f"huitou: could not make the demo shop: {exc!r}", flush=True)
+        return
+    print(
+        f"Console: http://{settings.host}:{settings.port}/console/  sign in with the demo "
+        f"shop's key (kept in {path}): {path.read_text().strip()}",
+        flush=True,
     )
 
 

@@ -92,6 +92,8 @@ class Platform:
             env["HUITOU_LIFECYCLE_URL"] = f"http://127.0.0.1:{self.ports['lifecycle']}"
         if not self.embedded and "notifier" in self.ports:
             env["HUITOU_NOTIFIER_URL"] = f"http://127.0.0.1:{self.ports['notifier']}"
+        if not self.embedded and "campaigns" in self.ports:
+            env["HUITOU_CAMPAIGNS_URL"] = f"http://127.0.0.1:{self.ports['campaigns']}"
         if s.bus_url:
             env["HUITOU_BUS_URL"] = s.bus_url
         return env

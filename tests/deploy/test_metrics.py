@@ -28,7 +28,7 @@ def families() -> dict[str, tuple[str, tuple[str, ...], str]]:
     found: dict[str, tuple[str, tuple[str, ...], str]] = {}
     for collector in list(REGISTRY._collector_to_names):
         if isinstance(collector, MetricWrapperBase) and collector._name.startswith("huitou_"):
-            kind = collector._type
+            kind = str(collector._type)
             name = f"{collector._name}_total" if kind == "counter" else collector._name
             found[name] = (kind, tuple(collector._labelnames), collector._documentation)
     return found

@@ -23,7 +23,20 @@
     window.addEventListener("resize", function () { chart.resize(); });
   }
 
-  var kinds = { funnel: funnel };
+  function bars(el, data) {
+    var chart = window.echarts.init(el);
+    chart.setOption({
+      aria: { enabled: true },
+      tooltip: { trigger: "axis" },
+      grid: { left: 40, right: 20, top: 20, bottom: 30 },
+      xAxis: { type: "category", data: data.map(function (d) { return d[0]; }) },
+      yAxis: { type: "value", minInterval: 1 },
+      series: [{ type: "bar", data: data.map(function (d) { return d[1]; }) }]
+    });
+    window.addEventListener("resize", function () { chart.resize(); });
+  }
+
+  var kinds = { funnel: funnel, bars: bars };
 
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-chart]").forEach(function (el) {
