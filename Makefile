@@ -33,8 +33,8 @@ browser:
 	bash scripts/install-browser.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check libs services tests bench
-	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/ruff check libs services tests bench deploy
+	$(BIN)/ruff format --check libs services tests bench deploy
 	$(BIN)/mypy
 
 clean:

@@ -233,6 +233,8 @@ class Consumer:
 
     async def start(self) -> None:
         self._stopping.clear()
+        for topic in self.topics:  # at 0 from the start: a first dead letter is an increase
+            metrics.DEAD_LETTERS.labels(self.group, topic)
         self._source = self.bus._source(self.group, self.topics)
         await self._source.start()
         self._progress_at = time.monotonic()
