@@ -160,21 +160,22 @@ async def apply_events(
 
 def _claimants(shown: list[_Shown], stored: dict[OrderKey, Owner]) -> dict[OrderKey, _Shown]:
     """Per order, the event of this batch that names its owner, if any: the strongest
-    identity, then the earliest, and only if it outranks the stored owner."""
+    identity, then the earliest (then the smaller event id), and only if it outranks the
+    stored owner."""
     best: dict[OrderKey, _Shown] = {}
     for s in shown:
         order = s.order
         if order is None:
             continue
         current = best.get(order)
-        if current is None or Owner("", current.rank, current.event.time).outranked_by(
-            s.rank, s.event.time
-        ):
+        if current is None or Owner(
+            "", current.rank, current.event.time, current.event.id
+        ).outranked_by(s.rank, s.event.time, s.event.id):
             best[order] = s
     return {
         order: s
         for order, s in best.items()
-        if order not in stored or stored[order].outranked_by(s.rank, s.event.time)
+        if order not in stored or stored[order].outranked_by(s.rank, s.event.time, s.event.id)
     }
 
 

@@ -33,10 +33,14 @@ class Pick:
     prefer: Literal["newest", "oldest"]
     rank: str | None = None
     """A column whose higher value wins before time is looked at (identity strength)."""
+    tie: str | None = None
+    """A column whose smaller value wins at the same rank and time (the event's id), before
+    the greater first column does."""
 
     @property
     def written(self) -> tuple[str, ...]:
-        return (*self.columns, self.at, *((self.rank,) if self.rank else ()))
+        extra = tuple(c for c in (self.rank, self.tie) if c)
+        return (*self.columns, self.at, *extra)
 
     def py(self, old: Row, new: Row) -> dict[str, Any]:
         if new[self.at] is None:
@@ -53,6 +57,10 @@ class Pick:
         if new[self.at] != old[self.at]:
             later = new[self.at] > old[self.at]
             return bool(later if self.prefer == "newest" else not later)
+        if self.tie:
+            x, y = old[self.tie], new[self.tie]
+            if x is not None and y is not None and x != y:
+                return bool(y < x)
         # Same rank and time: the greater first column, as SQL compares it (NULL never wins).
         a, b = old[self.columns[0]], new[self.columns[0]]
         return a is not None and b is not None and bool(b > a)
@@ -64,9 +72,13 @@ class Pick:
             if self.prefer == "newest"
             else (new[self.at] < stored[self.at])
         )
-        time_or_value: ColumnElement[bool] = or_(
-            at_wins, and_(new[self.at] == stored[self.at], new[lead] > stored[lead])
-        )
+        same_at = new[self.at] == stored[self.at]
+        by_value: ColumnElement[bool] = new[lead] > stored[lead]
+        if self.tie:
+            a, b = stored[self.tie], new[self.tie]
+            undecided = or_(a.is_(None), b.is_(None), a == b)
+            by_value = or_(b < a, and_(undecided, by_value))
+        time_or_value: ColumnElement[bool] = or_(at_wins, and_(same_at, by_value))
         beats = time_or_value
         if self.rank:
             beats = or_(

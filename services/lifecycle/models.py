@@ -119,6 +119,7 @@ orders = Table(
     Column("data_time", UtcDateTime(), nullable=False),
     Column("owner_rank", Integer, nullable=False, server_default="0"),
     Column("owner_at", UtcDateTime()),
+    Column("owner_event", String(200)),
     Column("total_at", UtcDateTime()),
     Column("items_at", UtcDateTime()),
     Column("shipping_at", UtcDateTime()),
@@ -126,7 +127,8 @@ orders = Table(
 )
 """One row per order whatever the order its events arrive in (`orders.ORDER_MERGE`); each
 `*_at` beside a group of columns is the time of the event the group came from, and
-`owner_rank`/`owner_at` say how strongly and when the owner was named."""
+`owner_rank`/`owner_at`/`owner_event` say how strongly, when and by which event the owner
+was named."""
 
 customer_identities = Table(
     "customer_identities",

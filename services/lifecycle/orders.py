@@ -4,9 +4,9 @@ Per-status times keep the earliest time seen, descriptive groups (total, shippin
 come from the newest event that carries them, refunds add up (`ORDER_MERGE`). An order
 belongs to the customer its strongest, earliest identifying event named: the platform's
 customer id outranks a phone, which outranks an email (`owner_rank`), and among equals the
-earliest event wins. A later event about the same order adds facts but never moves it; only
-a deliberate profile merge does (`profiles.merge_profiles`), and any move re-derives both
-customers.
+earliest event wins (at the same time, the smaller event id: `owner_event`). A later event
+about the same order adds facts but never moves it; only a deliberate profile merge does
+(`profiles.merge_profiles`), and any move re-derives both customers.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ OrderKey = tuple[str, str]
 
 ORDER_MERGE = Merge(
     (
-        Pick(("customer_id",), at="owner_at", prefer="oldest", rank="owner_rank"),
+        Pick(
+            ("customer_id",), at="owner_at", prefer="oldest", rank="owner_rank", tie="owner_event"
+        ),
         Pick(("total_minor", "currency"), at="total_at", prefer="newest"),
         Pick(("item_count",), at="items_at", prefer="newest"),
         Pick(("shipping_city", "shipping_province"), at="shipping_at", prefer="newest"),
@@ -64,10 +66,16 @@ class Owner:
     customer_id: str
     rank: int
     at: datetime
+    event_id: str | None
 
-    def outranked_by(self, rank: int, at: datetime) -> bool:
-        """Whether an event naming its customer with `rank` at `at` would own the order."""
-        return rank > self.rank or (rank == self.rank and at < self.at)
+    def outranked_by(self, rank: int, at: datetime, event_id: str) -> bool:
+        """Whether an event (`event_id`) naming its customer with `rank` at `at` would own
+        the order: stronger, else earlier, else (same time) a smaller event id."""
+        if rank != self.rank:
+            return rank > self.rank
+        if at != self.at:
+            return at < self.at
+        return self.event_id is not None and event_id < self.event_id
 
 
 async def load_owners(conn: AsyncConnection, keys: Iterable[OrderKey]) -> dict[OrderKey, Owner]:
@@ -77,7 +85,7 @@ async def load_owners(conn: AsyncConnection, keys: Iterable[OrderKey]) -> dict[O
         return {}
     o = orders.c
     rows = await conn.execute(
-        select(o.shop_id, o.order_id, o.customer_id, o.owner_rank, o.owner_at).where(
+        select(o.shop_id, o.order_id, o.customer_id, o.owner_rank, o.owner_at, o.owner_event).where(
             in_rows(
                 conn,
                 "owned",
@@ -87,7 +95,10 @@ async def load_owners(conn: AsyncConnection, keys: Iterable[OrderKey]) -> dict[O
             )
         )
     )
-    return {(r.shop_id, r.order_id): Owner(r.customer_id, r.owner_rank, r.owner_at) for r in rows}
+    return {
+        (r.shop_id, r.order_id): Owner(r.customer_id, r.owner_rank, r.owner_at, r.owner_event)
+        for r in rows
+    }
 
 
 def order_row(event: Envelope, data: OrderData, customer_id: str, rank: int) -> dict[str, Any]:
@@ -107,6 +118,7 @@ def order_row(event: Envelope, data: OrderData, customer_id: str, rank: int) -> 
         "customer_id": customer_id,
         "owner_rank": rank,
         "owner_at": at,
+        "owner_event": event.id,
         "status": status,
         "total_minor": data.total.amount_minor if data.total else None,
         "currency": data.total.currency if data.total else None,
@@ -166,6 +178,7 @@ _ORDER_COLUMNS = (
     "customer_id",
     "owner_rank",
     "owner_at",
+    "owner_event",
     "status",
     "total_minor",
     "currency",

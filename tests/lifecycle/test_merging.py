@@ -10,6 +10,7 @@ from datetime import timedelta
 from itertools import pairwise
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -142,3 +143,30 @@ async def test_an_orders_row_does_not_depend_on_arrival_or_batching(
     assert sum(got_buyers.values()) <= 1, "one order is at most one purchase of one buyer"
     if got_buyers:
         assert got_buyers == {got["customer_id"]: 1}
+
+
+@pytest.mark.parametrize("batching", ["together", "apart"])
+async def test_a_tie_of_strength_and_time_goes_to_the_smaller_event_id(
+    lifecycle_db: Database, batching: str
+) -> None:
+    """Found by the property above: two events of one order at the same instant, naming two
+    emails. Whatever order they arrive in, alone or in one batch, the same one owns it."""
+    shop = f"s{uuid.uuid4().hex[:10]}"
+
+    def created(event_id: str, email: str) -> Envelope:
+        return parse_event(
+            {
+                "specversion": "1.0",
+                "id": event_id,
+                "source": f"gen/{shop}",
+                "type": "order.created",
+                "time": "2025-01-01T00:00:00+00:00",
+                "shop_id": shop,
+                "data": {"order_id": "o-1", "customer": {"email": email}, "status": "created"},
+            }
+        )
+
+    late, early = created("e1", "other@example.com"), created("e0", "guest@example.com")
+    await deliver(lifecycle_db, [[late, early]] if batching == "together" else [[late], [early]])
+    row, _ = await stored(lifecycle_db, shop)
+    assert row["customer_id"] == "guest@example.com"
