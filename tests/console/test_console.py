@@ -186,6 +186,37 @@ async def test_an_operator_sets_up_the_unpaid_reminder_and_sees_it_fire(
     r = await platform.request("GET", f"/v1/journeys/{journey_url.rsplit('/', 1)[1]}", key=key)
     assert r.json()["status"] == "paused"
 
+    # The reminder's template (saved by the playbook): its SMS preview, edited and saved.
+    await w.page.goto(f"{base}/console/templates")
+    await accessible(w, "templates")
+    await w.page.click("[data-testid=templates] >> text=unpaid_reminder")
+    await w.page.wait_for_selector("[data-testid=encoding-zh-CN]")
+    assert await w.page.text_content("[data-testid=encoding-zh-CN]") == "UCS-2"
+    r = await platform.request(
+        "POST", "/v1/templates/unpaid_reminder/preview", key=key, json={"locale": "zh-CN"}
+    )
+    segments = str(r.json()["segments"])
+    assert await w.page.text_content("[data-testid=segments-zh-CN]") == segments
+    await accessible(w, "template")
+    text = await w.page.input_value("#text_zh-CN")
+    await w.page.fill("#text_zh-CN", text + "（控制台编辑）")
+    await w.page.click("form button[type=submit] >> nth=-1")
+    await w.page.wait_for_selector("[data-testid=preview-zh-CN] >> text=控制台编辑")
+    r = await platform.request("GET", "/v1/templates/unpaid_reminder", key=key)
+    assert r.json()["locales"]["zh-CN"]["text"].endswith("（控制台编辑）")
+
+    # Channel settings: a bad JSON is answered on the page, nothing changes.
+    await w.page.goto(f"{base}/console/channels")
+    await accessible(w, "channels")
+    await w.page.fill("[data-testid=channel-email] textarea", "{not json")
+    await w.page.click("[data-testid=channel-email] button")
+    await w.page.wait_for_selector("ul.error")
+    r = await platform.request("GET", "/v1/channels/email", key=key)
+    assert r.json()["provider"] == "outbox"
+    refused = [e for e in w.errors if "422" in e]
+    assert len(refused) == 1  # the page's own answer to the bad form, nothing else
+    w.errors.remove(refused[0])
+
     for name, path in (("tags", "/console/tags"), ("promotions", "/console/promotions")):
         await w.page.goto(f"{base}{path}")
         await accessible(w, name)

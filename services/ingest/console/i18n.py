@@ -114,6 +114,22 @@ WORDS: dict[str, tuple[str, str]] = {
     "count": ("人数", "Count"),
     "rule": ("规则", "Rule"),
     "segments": ("分群", "Segments"),
+    "templates": ("消息模板", "Templates"),
+    "channels": ("渠道设置", "Channels"),
+    "locales": ("语言", "Locales"),
+    "subject": ("主题", "Subject"),
+    "text": ("正文", "Text"),
+    "preview": ("预览（示例变量）", "Preview (sample values)"),
+    "encoding": ("编码", "Encoding"),
+    "characters": ("计费字数（含签名）", "Billed characters (signature included)"),
+    "provider_templates": ("服务商模板映射", "Provider templates"),
+    "save": ("保存", "Save"),
+    "sms_segments": ("计费条数", "Billed segments"),
+    "settings": ("设置（JSON）", "Settings (JSON)"),
+    "credentials_help": (
+        "密钥、密码只写不读：修改设置时需重新填写。",
+        "Credentials are write-only: enter them again whenever you change the settings.",
+    ),
     "language": ("English", "中文"),
 }
 

@@ -360,6 +360,97 @@ def build_console(
         segments = await backend.get(session, "lifecycle", "/v1/segments")
         return render(request, "tags.html", session, tags=found, segments=segments)
 
+    async def templates(request: Request, session: Session) -> Response:
+        found = await backend.get(session, "notifier", "/v1/templates")
+        return render(request, "templates.html", session, templates=found["items"])
+
+    async def template_page(
+        request: Request, session: Session, status: int = 200, errors: Any = None
+    ) -> Response:
+        name = _segment(request.path_params["name"])
+        found = await backend.get(session, "notifier", f"/v1/templates/{name}")
+        previews = {}
+        for locale in found["locales"]:
+            try:
+                previews[locale] = await backend.post(
+                    session, "notifier", f"/v1/templates/{name}/preview", {"locale": locale}
+                )
+            except ApiError as exc:
+                previews[locale] = {"error": exc.detail, "errors": exc.errors}
+        return render(
+            request,
+            "template.html",
+            session,
+            status=status,
+            tpl=found,
+            previews=previews,
+            errors=errors or [],
+        )
+
+    async def template(request: Request, session: Session) -> Response:
+        return await template_page(request, session)
+
+    async def save_template(request: Request, session: Session) -> Response:
+        form = await form_of(request, session)
+        name = _segment(request.path_params["name"])
+        found = await backend.get(session, "notifier", f"/v1/templates/{name}")
+        locales = {}
+        for locale, content in found["locales"].items():
+            edited = {"text": form.get(f"text_{locale}", content["text"])}
+            for part in ("subject", "html"):
+                value = form.get(f"{part}_{locale}", content.get(part))
+                if value:
+                    edited[part] = value
+            locales[locale] = edited
+        body = {**found, "locales": locales}
+        try:
+            await backend.call(session, "notifier", "PUT", f"/v1/templates/{name}", json=body)
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            return await template_page(
+                request, session, status=422, errors=exc.errors or [{"message": exc.detail}]
+            )
+        return RedirectResponse(f"/console/templates/{name}", 303, headers=HEADERS)
+
+    async def channels(request: Request, session: Session) -> Response:
+        found = {
+            name: await backend.get(session, "notifier", f"/v1/channels/{name}")
+            for name in ("sms", "email")
+        }
+        return render(request, "channels.html", session, channels=found, errors=[])
+
+    async def save_channel(request: Request, session: Session) -> Response:
+        form = await form_of(request, session)
+        name = request.path_params["channel"]
+        if name not in ("sms", "email"):
+            raise HTTPException(404)
+        try:
+            settings = json.loads(form.get("settings") or "{}")
+        except ValueError:
+            settings = None
+        errors: list[dict[str, Any]] = []
+        if not isinstance(settings, dict):
+            errors = [{"field": "settings", "message": "settings must be a JSON object"}]
+        else:
+            try:
+                await backend.call(
+                    session,
+                    "notifier",
+                    "PUT",
+                    f"/v1/channels/{name}",
+                    json={"provider": form.get("provider", ""), "settings": settings},
+                )
+                return RedirectResponse("/console/channels", 303, headers=HEADERS)
+            except ApiError as exc:
+                if exc.status != 422:
+                    raise
+                errors = exc.errors or [{"field": "", "message": exc.detail}]
+        found = {
+            n: await backend.get(session, "notifier", f"/v1/channels/{n}") for n in ("sms", "email")
+        }
+        return render(request, "channels.html", session, status=422, channels=found, errors=errors)
+
     for path, handler, methods in (
         ("/overview", overview, ["GET"]),
         ("/customers", customers, ["GET"]),
@@ -373,6 +464,11 @@ def build_console(
         ("/messages", messages, ["GET"]),
         ("/messages/{message_id}", message, ["GET"]),
         ("/promotions", promotions, ["GET"]),
+        ("/templates", templates, ["GET"]),
+        ("/templates/{name}", template, ["GET"]),
+        ("/templates/{name}", save_template, ["POST"]),
+        ("/channels", channels, ["GET"]),
+        ("/channels/{channel}", save_channel, ["POST"]),
     ):
         router.add_api_route(path, page(handler), methods=methods)
 
