@@ -35,6 +35,7 @@ from services.lifecycle.schemas import (
     CustomerOut,
     CustomerPage,
     CustomerPatch,
+    FilterIn,
     Members,
     NoteIn,
     Overview,
@@ -439,6 +440,21 @@ def build_router(ctx: ServiceContext) -> APIRouter:
                     segments.c.shop_id == shop, segments.c.segment_id == segment_id
                 )
             )
+
+    @router.post("/v1/segments/count", response_model=Count)
+    async def count_filter(body: FilterIn, principal: Auth, shop_id: ShopParam = None) -> Count:
+        """How many customers a filter holds right now, without saving it (a rule
+        builder's live count)."""
+        shop = principal.shop(shop_id)
+        async with ctx.db.connect() as conn:
+            policy = (await load_policies(conn, [shop]))[shop]
+            rule = parse_rule(dump_rule(body.filter))
+            conditions = [
+                customers.c.shop_id == shop,
+                customers.c.merged_into.is_(None),
+                to_sql(rule, now(), policy.level_order),
+            ]
+            return Count(count=await queries.count(conn, conditions))
 
     @router.get("/v1/segments/{segment_id}/count", response_model=Count)
     async def segment_count(

@@ -165,6 +165,14 @@ class SegmentIn(BaseModel):
     filter: NewRule
 
 
+class FilterIn(BaseModel):
+    """A filter to count, unsaved (`POST /v1/segments/count`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: NewRule
+
+
 class SegmentOut(BaseModel):
     segment_id: str
     name: str

@@ -180,9 +180,7 @@ async def test_an_operator_sets_up_the_unpaid_reminder_and_sees_it_fire(
 
     # Pause the journey.
     await w.page.click("button:has-text('暂停')")
-    await w.page.wait_for_function(
-        "document.querySelector('[data-testid=journey-status]').textContent === 'paused'"
-    )
+    await w.page.wait_for_selector("[data-testid=journey-status]:text-is('paused')")
     r = await platform.request("GET", f"/v1/journeys/{journey_url.rsplit('/', 1)[1]}", key=key)
     assert r.json()["status"] == "paused"
 
@@ -217,7 +215,27 @@ async def test_an_operator_sets_up_the_unpaid_reminder_and_sees_it_fire(
     assert len(refused) == 1  # the page's own answer to the bad form, nothing else
     w.errors.remove(refused[0])
 
-    for name, path in (("tags", "/console/tags"), ("promotions", "/console/promotions")):
+    # A segment built with its live count, saved, exported.
+    await w.page.goto(f"{base}/console/tags")
+    live = w.page.locator("[data-testid=live-count]")
+    await w.page.select_option("#b-stage", "new")
+    await w.page.wait_for_selector("form.builder[data-counted*='stage=new']")
+    assert await live.text_content() == "3"
+    await w.page.fill("#b-spent", "300")  # each seeded order was 259.00
+    await w.page.wait_for_selector("form.builder[data-counted*='min_spent=300']")
+    assert await live.text_content() == "0"
+    await w.page.fill("#b-spent", "")
+    await w.page.fill("#b-name", "新客")
+    await accessible(w, "tags")
+    await w.page.click("form.builder button[type=submit]")
+    await w.page.wait_for_selector("[data-testid=export-新客]")
+    href = await w.page.get_attribute("[data-testid=export-新客]", "href")
+    csv = await w.page.request.get(f"{base}{href}")
+    assert csv.status == 200
+    rows = (await csv.text()).strip().splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == ["c-0", "c-1", "c-2"]
+
+    for name, path in (("promotions", "/console/promotions"),):
         await w.page.goto(f"{base}{path}")
         await accessible(w, name)
     # English.

@@ -240,6 +240,17 @@ async def test_segments_count_list_and_export(platform: Platform) -> None:
     assert r.status_code == 201, r.text
     segment_id = r.json()["segment_id"]
     assert (await get(platform, key, f"/v1/segments/{segment_id}/count")) == {"count": 6}
+    # The same filter counted unsaved (a rule builder's live count), and a narrower one.
+    hangzhou = r.json()["filter"]
+    for rule, expected in (
+        (hangzhou, 6),
+        ({"all": [hangzhou, {"field": "monetary_minor", "op": "gte", "value": 8000}]}, 3),
+    ):
+        r = await platform.request("POST", "/v1/segments/count", key=key, json={"filter": rule})
+        assert r.status_code == 200 and r.json() == {"count": expected}, r.text
+    bad = {"filter": {"field": "stage", "op": "eq", "value": "asleep"}}
+    r = await platform.request("POST", "/v1/segments/count", key=key, json=bad)
+    assert r.status_code == 422, r.text
     first = await get(platform, key, f"/v1/segments/{segment_id}/customers", limit=4)
     second = await get(
         platform, key, f"/v1/segments/{segment_id}/customers", limit=4, cursor=first["next_cursor"]

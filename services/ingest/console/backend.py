@@ -70,6 +70,18 @@ class Backend:
             return None
         return r.json()
 
+    async def text(self, session: Session, service: str, path: str) -> str:
+        """A route's body as text (a CSV export); an `ApiError` for a 4xx/5xx."""
+        query = {"shop_id": session.shop_id} if session.is_admin else {}
+        r = await self.client.get(
+            f"{self.bases[service]}{path}",
+            params=query,
+            headers={"Authorization": f"Bearer {session.key}"},
+        )
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.reason_phrase, [])
+        return r.text
+
     async def get(self, session: Session, service: str, path: str, **params: Any) -> Any:
         return await self.call(session, service, "GET", path, params=params)
 

@@ -12,7 +12,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from libs.common.auth import Authenticator
@@ -358,7 +364,62 @@ def build_console(
     async def tags(request: Request, session: Session) -> Response:
         found = await backend.get(session, "lifecycle", "/v1/tags")
         segments = await backend.get(session, "lifecycle", "/v1/segments")
-        return render(request, "tags.html", session, tags=found, segments=segments)
+        return render(
+            request,
+            "tags.html",
+            session,
+            tags=found,
+            segments=segments,
+            stage_names=list(i18n.STAGES),
+            errors=[],
+        )
+
+    async def count_segment(request: Request, session: Session) -> Response:
+        """The builder's live count (fetched by console.js as the form changes)."""
+        form = await form_of(request, session)
+        try:
+            found = await backend.post(
+                session, "lifecycle", "/v1/segments/count", {"filter": _rule(form)}
+            )
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            return JSONResponse({"count": None, "error": exc.detail}, 422, headers=HEADERS)
+        return JSONResponse({"count": found["count"]}, headers=HEADERS)
+
+    async def save_segment(request: Request, session: Session) -> Response:
+        form = await form_of(request, session)
+        body = {"name": form.get("name", "").strip(), "filter": _rule(form)}
+        try:
+            await backend.post(session, "lifecycle", "/v1/segments", body)
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            found = await backend.get(session, "lifecycle", "/v1/tags")
+            segments = await backend.get(session, "lifecycle", "/v1/segments")
+            return render(
+                request,
+                "tags.html",
+                session,
+                status=422,
+                tags=found,
+                segments=segments,
+                stage_names=list(i18n.STAGES),
+                errors=exc.errors or [{"field": "", "message": exc.detail}],
+            )
+        return RedirectResponse("/console/tags", 303, headers=HEADERS)
+
+    async def export_segment(request: Request, session: Session) -> Response:
+        sid = _segment(request.path_params["segment_id"])
+        csv = await backend.text(session, "lifecycle", f"/v1/segments/{sid}/export.csv")
+        return Response(
+            csv,
+            media_type="text/csv; charset=utf-8",
+            headers={
+                **HEADERS,
+                "Content-Disposition": f'attachment; filename="segment-{sid}.csv"',
+            },
+        )
 
     async def templates(request: Request, session: Session) -> Response:
         found = await backend.get(session, "notifier", "/v1/templates")
@@ -456,6 +517,9 @@ def build_console(
         ("/customers", customers, ["GET"]),
         ("/customers/{customer_id}", customer, ["GET"]),
         ("/tags", tags, ["GET"]),
+        ("/segments/count", count_segment, ["POST"]),
+        ("/segments", save_segment, ["POST"]),
+        ("/segments/{segment_id}/export.csv", export_segment, ["GET"]),
         ("/journeys", journeys, ["GET"]),
         ("/journeys/new", new_journey, ["GET"]),
         ("/journeys/new", create_journey, ["POST"]),
@@ -516,6 +580,43 @@ def _segment(value: str) -> str:
     from urllib.parse import quote
 
     return quote(value, safe="")
+
+
+def _rule(form: dict[str, str]) -> dict[str, Any]:
+    """The rule builder's form as a rule of the lifecycle rule language: every condition
+    given must hold (the API checks it; a value that is no number is sent as text, so the
+    API's own message says what is wrong)."""
+
+    def number(raw: str, scale: int = 1) -> Any:
+        try:
+            return int(raw) if scale == 1 else round(float(raw) * scale)
+        except ValueError:
+            return raw
+
+    parts: list[dict[str, Any]] = []
+    if form.get("stage"):
+        parts.append({"field": "stage", "op": "eq", "value": form["stage"]})
+    if form.get("tag"):
+        parts.append({"has_tag": form["tag"]})
+    if form.get("city"):
+        parts.append({"field": "city", "op": "eq", "value": form["city"]})
+    if form.get("min_frequency"):
+        parts.append({"field": "frequency", "op": "gte", "value": number(form["min_frequency"])})
+    if form.get("max_recency_days"):
+        value = number(form["max_recency_days"])
+        parts.append({"field": "recency_days", "op": "lte", "value": value})
+    if form.get("min_spent"):
+        value = number(form["min_spent"], 100)
+        parts.append({"field": "monetary_minor", "op": "gte", "value": value})
+    if form.get("max_p_alive"):
+        try:
+            p_alive: Any = float(form["max_p_alive"])
+        except ValueError:
+            p_alive = form["max_p_alive"]
+        parts.append({"field": "p_alive", "op": "lte", "value": p_alive})
+    if not parts:
+        return {"field": "frequency", "op": "gte", "value": 0}  # everyone
+    return parts[0] if len(parts) == 1 else {"all": parts}
 
 
 def _fields(schema: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,7 +38,32 @@
 
   var kinds = { funnel: funnel, bars: bars };
 
+  // The segment builder's live count: the form posted (with the session's CSRF token)
+  // to the console on every change, the answer shown in its <output>.
+  function liveCount(form) {
+    var output = form.querySelector("output");
+    var pending = null;
+    function update() {
+      var body = new URLSearchParams(new FormData(form));
+      fetch(form.getAttribute("data-count-url"), {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "X-CSRF-Token": form.getAttribute("data-csrf") },
+        body: body
+      }).then(function (r) { return r.json(); }).then(function (answer) {
+        output.textContent = answer.count === null ? answer.error : String(answer.count);
+        form.setAttribute("data-counted", body.toString());
+      });
+    }
+    form.addEventListener("input", function () {
+      clearTimeout(pending);
+      pending = setTimeout(update, 250);
+    });
+    update();
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("form[data-count-url]").forEach(liveCount);
     document.querySelectorAll("[data-chart]").forEach(function (el) {
       var source = document.getElementById(el.getAttribute("data-source"));
       var draw = kinds[el.getAttribute("data-chart")];
