@@ -148,6 +148,14 @@ async def test_an_operator_sets_up_the_unpaid_reminder_and_sees_it_fire(
     await w.page.wait_for_selector("[data-testid=journey-status]")
     assert await w.page.text_content("[data-testid=journey-status]") == "active"
     journey_url = w.page.url
+    # A dry run for a customer, from the trigger's sample event: the wait, then the send.
+    await w.page.fill("#dry-customer", "c-1")
+    await w.page.click("button:has-text('试运行')")
+    await w.page.wait_for_selector("[data-testid=dry-path]")
+    path = await w.page.text_content("[data-testid=dry-path]") or ""
+    assert "wait" in path and "remind" in path, path
+    r = await platform.request("GET", "/v1/messages", key=key)
+    assert r.json()["items"] == []  # nothing was sent
 
     # An order nobody pays: the reminder appears in the message log.
     order = order_event(shop, f"{shop}-o1", "c-1", "created")

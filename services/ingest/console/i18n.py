@@ -124,6 +124,13 @@ WORDS: dict[str, tuple[str, str]] = {
     "characters": ("计费字数（含签名）", "Billed characters (signature included)"),
     "provider_templates": ("服务商模板映射", "Provider templates"),
     "save": ("保存", "Save"),
+    "dry_run": ("试运行", "Dry run"),
+    "dry_run_help": (
+        "看一个事件会让这位客户走哪条路径、发出哪些消息；不保存、不发送。",
+        "The path an event would take this customer along and the messages it would send; "
+        "nothing is stored or sent.",
+    ),
+    "event": ("事件（JSON）", "Event (JSON)"),
     "builder": ("分群规则", "Segment rule"),
     "builder_help": (
         "所填条件须同时满足；人数随修改实时更新。",

@@ -305,11 +305,65 @@ def build_console(
             )
         return RedirectResponse(f"/console/journeys/{made['journey_id']}", 303, headers=HEADERS)
 
-    async def journey(request: Request, session: Session) -> Response:
+    async def journey_page(
+        request: Request,
+        session: Session,
+        *,
+        dry: dict[str, Any] | None = None,
+        status: int = 200,
+    ) -> Response:
         jid = _segment(request.path_params["journey_id"])
         found = await backend.get(session, "campaigns", f"/v1/journeys/{jid}")
         report = await backend.get(session, "campaigns", f"/v1/journeys/{jid}/report")
-        return render(request, "journey.html", session, j=found, report=report)
+        trigger = found["definition"]["trigger"].get("event")
+        sample = (
+            dry["event_text"]
+            if dry
+            else json.dumps(_sample_event(trigger, "c-1"), ensure_ascii=False, indent=2)
+        )
+        return render(
+            request,
+            "journey.html",
+            session,
+            status=status,
+            j=found,
+            report=report,
+            trigger=trigger,
+            sample=sample,
+            dry=dry,
+        )
+
+    async def journey(request: Request, session: Session) -> Response:
+        return await journey_page(request, session)
+
+    async def dry_run(request: Request, session: Session) -> Response:
+        """The path an event would take a customer along (nothing stored or sent)."""
+        form = await form_of(request, session)
+        jid = _segment(request.path_params["journey_id"])
+        text = form.get("event", "")
+        dry: dict[str, Any] = {"event_text": text, "customer_id": form.get("customer_id", "")}
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            dry["error"] = "the event must be a JSON object"
+            return await journey_page(request, session, dry=dry, status=422)
+        try:
+            found = await backend.post(
+                session,
+                "campaigns",
+                f"/v1/journeys/{jid}/dry-run",
+                {"customer_id": dry["customer_id"], "event": event},
+            )
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            dry["error"] = exc.detail
+            dry["errors"] = exc.errors
+            return await journey_page(request, session, dry=dry, status=422)
+        dry["path"] = found["path"]
+        return await journey_page(request, session, dry=dry)
 
     async def journey_action(request: Request, session: Session) -> Response:
         await form_of(request, session)
@@ -524,6 +578,7 @@ def build_console(
         ("/journeys/new", new_journey, ["GET"]),
         ("/journeys/new", create_journey, ["POST"]),
         ("/journeys/{journey_id}", journey, ["GET"]),
+        ("/journeys/{journey_id}/dry-run", dry_run, ["POST"]),
         ("/journeys/{journey_id}/{action}", journey_action, ["POST"]),
         ("/messages", messages, ["GET"]),
         ("/messages/{message_id}", message, ["GET"]),
@@ -580,6 +635,35 @@ def _segment(value: str) -> str:
     from urllib.parse import quote
 
     return quote(value, safe="")
+
+
+def _sample_event(event_type: str | None, customer_id: str) -> dict[str, Any]:
+    """An event of the journey's trigger type to start a dry run from (the operator edits
+    it): an order with a total and a city for order events, the stage for stage changes."""
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    kind = event_type or "order.created"
+    data: dict[str, Any] = {"customer_id": customer_id}
+    if kind.startswith("order."):
+        data = {
+            "order_id": "dry-run-1",
+            "status": kind.split(".", 1)[1],
+            "customer": {"id": customer_id},
+            "total": {"amount_minor": 25900, "currency": "CNY"},
+            "shipping": {"country": "CN", "city": "杭州市"},
+        }
+    elif kind == "customer.stage_changed":
+        data = {"customer_id": customer_id, "previous": "active", "current": "sleeping"}
+    elif kind.startswith("logistics."):
+        data = {"tracking_number": "SF0000000000", "carrier": "SF", "order_id": "dry-run-1"}
+    return {
+        "specversion": "1.0",
+        "id": "dry-run",
+        "source": "console",
+        "type": kind,
+        "time": now,
+        "subject": customer_id,
+        "data": data,
+    }
 
 
 def _rule(form: dict[str, str]) -> dict[str, Any]:
