@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.bus import (
     Bus,
@@ -15,7 +17,7 @@ from libs.common.bus import (
     create_bus,
     replay_dead_letters,
 )
-from libs.common.bus.base import dead_letter_topic
+from libs.common.bus.base import Source, dead_letter_topic
 from libs.common.settings import Settings
 from tests.conftest import eventually
 
@@ -318,3 +320,55 @@ async def test_dead_letters_are_replayed_once_each(bus: Bus, settings: Settings)
     replayed = next(r for r in handler.seen if r.value == b"m2")
     assert "dlt_error" not in replayed.headers
     assert replayed.headers["dlt_replayed_from"].count(":") == 1
+
+
+class _Lagging(Source):
+    """A source whose assignment the test sets (a rebalance), for the lag gauge."""
+
+    def __init__(self) -> None:
+        self.lags: dict[tuple[str, int], int] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def fetch(self, max_records: int, max_wait: float) -> list[Received]:
+        return []
+
+    async def commit(self, records: Sequence[Received]) -> None:
+        return None
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return dict(self.lags)
+
+    def fetched_through(self) -> dict[tuple[str, int], float]:
+        return {}
+
+    async def caught_up(self) -> bool:
+        return True
+
+
+def test_a_partition_given_up_stops_being_reported_as_lag(tmp_path: Path) -> None:
+    """After a rebalance the partition's new owner reports its lag; the old member's last
+    value must not linger (it would hold an autoscaler or a lag alert up)."""
+    bus = create_bus(Settings(data_dir=tmp_path))
+    consumer = bus.consumer("g-lag-gauge", ["t-lag"], Collector())
+    source = _Lagging()
+
+    def reported() -> dict[str, float]:
+        return {
+            s.labels["partition"]: s.value
+            for m in REGISTRY.collect()
+            if m.name == "huitou_consumer_lag"
+            for s in m.samples
+            if s.labels.get("group") == "g-lag-gauge"
+        }
+
+    source.lags = {("t-lag", 0): 5, ("t-lag", 1): 7}
+    consumer._report_lag(source)
+    assert reported() == {"0": 5.0, "1": 7.0}
+    source.lags = {("t-lag", 1): 2}  # partition 0 moved to another member
+    consumer._report_lag(source)
+    assert reported() == {"1": 2.0}

@@ -240,8 +240,8 @@ async def test_an_operator_sets_up_the_unpaid_reminder_and_sees_it_fire(
     href = await w.page.get_attribute("[data-testid=export-新客]", "href")
     csv = await w.page.request.get(f"{base}{href}")
     assert csv.status == 200
-    rows = (await csv.text()).strip().splitlines()[1:]
-    assert sorted(r.split(",")[0] for r in rows) == ["c-0", "c-1", "c-2"]
+    lines = (await csv.text()).strip().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in lines) == ["c-0", "c-1", "c-2"]
 
     for name, path in (("promotions", "/console/promotions"),):
         await w.page.goto(f"{base}{path}")

@@ -226,6 +226,7 @@ class Consumer:
         self._last_error: BaseException | None = None
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lag_reported: set[tuple[str, int]] = set()
         self._stopping = asyncio.Event()
         """Set by `stop`: the loop ends after the batch in hand."""
         self._progress_at = time.monotonic()
@@ -420,8 +421,16 @@ class Consumer:
         )
 
     def _report_lag(self, source: Source) -> None:
-        for (topic, partition), lag in source.lag().items():
+        """Lag of each assigned partition; a partition this member no longer has stops
+        being reported (its new owner reports it), so no stale series keeps an alert or
+        an autoscaler high."""
+        current = source.lag()
+        for topic, partition in self._lag_reported - current.keys():
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.group, topic, str(partition))
+        for (topic, partition), lag in current.items():
             metrics.CONSUMER_LAG.labels(self.group, topic, str(partition)).set(lag)
+        self._lag_reported = set(current)
 
 
 DLT_HEADERS = ("dlt_error", "dlt_group", "dlt_topic", "dlt_partition", "dlt_offset")
