@@ -122,6 +122,16 @@ def _demo_shop(settings: Settings) -> None:
                 r.raise_for_status()
                 path.write_text(r.json()["key"] + "\n")
                 path.chmod(0o600)
+            # Every service learns a new key from the bus: print it once all of them know it.
+            shop_key = {"Authorization": f"Bearer {path.read_text().strip()}"}
+            for _ in range(300):
+                known = [
+                    client.get(route, headers=shop_key).status_code == 200
+                    for route in ("/v1/overview", "/v1/journeys", "/v1/messages")
+                ]
+                if all(known):
+                    break
+                time.sleep(0.1)
     except (httpx.HTTPError, RuntimeError, OSError) as exc:
         print(f"huitou: could not make the demo shop: {exc!r}", flush=True)
         return

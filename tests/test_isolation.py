@@ -70,6 +70,8 @@ class Probe:
 
 
 NOT_FOUND = frozenset({404})
+SIGN_IN = frozenset({303})
+"""The console's answer without a session: to the sign-in form."""
 
 
 def naming_a(path: str, **kw: Any) -> list[Probe]:
@@ -435,6 +437,56 @@ ROUTES: dict[tuple[str, str], list[Probe]] = {
     ("GET", "/docs"): public("/docs"),
     ("GET", "/redoc"): public("/redoc"),
     ("MOUNT", "/docs/assets/{path}"): [],  # the API docs' static files
+    # -- the operator console (ingest): pages read the session cookie, never a key -------
+    # B's key in the Authorization header opens nothing: every page and form answers with
+    # the way to sign-in (303). What a signed-in session of B sees of A (nothing) is
+    # tested in a real browser: tests/console/test_console.py.
+    **{
+        (method, path): [Probe(probe, refused=SIGN_IN)]
+        for method, path, probe in (
+            ("GET", "/console/", "/console/"),
+            ("GET", "/console/overview", "/console/overview"),
+            ("GET", "/console/customers", "/console/customers"),
+            ("GET", "/console/customers/{customer_id}", "/console/customers/{customer}"),
+            ("GET", "/console/tags", "/console/tags"),
+            ("POST", "/console/segments", "/console/segments"),
+            ("POST", "/console/segments/count", "/console/segments/count"),
+            (
+                "GET",
+                "/console/segments/{segment_id}/export.csv",
+                "/console/segments/{segment}/export.csv",
+            ),
+            ("GET", "/console/journeys", "/console/journeys"),
+            ("GET", "/console/journeys/new", "/console/journeys/new"),
+            ("POST", "/console/journeys/new", "/console/journeys/new"),
+            ("GET", "/console/journeys/{journey_id}", "/console/journeys/{journey}"),
+            (
+                "POST",
+                "/console/journeys/{journey_id}/dry-run",
+                "/console/journeys/{journey}/dry-run",
+            ),
+            (
+                "POST",
+                "/console/journeys/{journey_id}/{action}",
+                "/console/journeys/{journey}/pause",
+            ),
+            ("GET", "/console/messages", "/console/messages"),
+            ("GET", "/console/messages/{message_id}", "/console/messages/x"),
+            ("GET", "/console/templates", "/console/templates"),
+            ("GET", "/console/templates/{name}", "/console/templates/a-template"),
+            ("POST", "/console/templates/{name}", "/console/templates/a-template"),
+            ("GET", "/console/channels", "/console/channels"),
+            ("POST", "/console/channels/{channel}", "/console/channels/sms"),
+            ("GET", "/console/promotions", "/console/promotions"),
+            ("POST", "/console/sign-out", "/console/sign-out"),
+        )
+    },
+    # Signing in needs the token the sign-in form set in a cookie (B has none of A's).
+    ("POST", "/console/sign-in"): [Probe("/console/sign-in", refused=frozenset({403}))],
+    # No shop data: the sign-in form, the language switch, the console's own assets.
+    ("GET", "/console/sign-in"): [],
+    ("GET", "/console/lang/{lang}"): [],
+    ("GET", "/console/static/{name}"): [],
 }
 """Every route of the app and how shop B would try to reach shop A through it. An empty
 list: nothing to probe beyond the route's GET (HEAD of the same page)."""
