@@ -227,6 +227,8 @@ class Consumer:
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
         self._lag_reported: set[tuple[str, int]] = set()
+        self._in_hand = False
+        """Whether a batch is being handled or committed (a stop lets it finish)."""
         self._stopping = asyncio.Event()
         """Set by `stop`: the loop ends after the batch in hand."""
         self._progress_at = time.monotonic()
@@ -250,7 +252,7 @@ class Consumer:
         if task is not None:
             task.remove_done_callback(self._ended)
             self._stopping.set()
-            if grace > 0:
+            if grace > 0 and self._in_hand:  # idle (waiting on a fetch): nothing to finish
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                     await asyncio.wait_for(asyncio.shield(task), grace)
             task.cancel()
@@ -306,8 +308,12 @@ class Consumer:
                 break  # stopping: a batch fetched meanwhile is not started (nor committed)
             self._report_lag(source)
             if batch:
-                await self._handle(batch)
-                await self._commit(source, batch)
+                self._in_hand = True
+                try:
+                    await self._handle(batch)
+                    await self._commit(source, batch)
+                finally:
+                    self._in_hand = False
             await self._advance(batch, reached)
 
     async def _advance(self, batch: list[Received], reached: dict[tuple[str, int], float]) -> None:
