@@ -10,12 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from libs.common.settings import Settings
-from tests.metrics_check import cardinality_problems
-from tests.metrics_check import parse as parse_exposition
+from tests.metrics_check import cardinality_problems, scrape
 from tests.platform import Platform
 from tests.servers import SINGLE_BROKER, Broker, fresh_database, kafka_broker, postgres
 
@@ -137,16 +135,11 @@ async def platform(
 
 async def scrape_problems(platform: Platform) -> list[str]:
     """Cardinality problems in the `/metrics` of every running process of the platform."""
-    problems: list[str] = []
-    async with httpx.AsyncClient(timeout=30) as client:
-        for name, process in platform.processes.items():
-            if process.poll() is not None:
-                continue
-            port = platform.ports[name]
-            r = await client.get(f"http://127.0.0.1:{port}/metrics")
-            assert r.status_code == 200, r.text
-            problems += cardinality_problems(parse_exposition(r.text), name)
-    return problems
+    return [
+        problem
+        for name, exposition in (await scrape(platform)).items()
+        for problem in cardinality_problems(exposition, name)
+    ]
 
 
 @pytest.fixture(scope="module", params=MODES)

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from tests.platform import Platform
 
 FORBIDDEN_LABELS = frozenset(
     {
@@ -87,3 +92,15 @@ def _parts(label: str, value: str) -> list[str]:
     if label == "route":
         return [p for p in value.split("/") if not p.startswith("{")]
     return [value]
+
+
+async def scrape(platform: Platform) -> dict[str, Exposition]:
+    """The `/metrics` of every running process of the platform, by process name."""
+    found: dict[str, Exposition] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for name, process in platform.processes.items():
+            if process.poll() is None:
+                r = await client.get(f"http://127.0.0.1:{platform.ports[name]}/metrics")
+                assert r.status_code == 200, r.text
+                found[name] = parse(r.text)
+    return found

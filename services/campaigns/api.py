@@ -606,16 +606,21 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
             zone = await _zones(conn, shop)
             await schedule_broadcast(conn, shop, journey_id, version, definition, zone, now)
 
-    async def _repurchase_cycle(request: Request, admin_shop: str | None) -> dict[str, Any]:
-        """The shop's repurchase-cycle percentiles from lifecycle's overview, read with the
-        caller's own key (so it sees exactly what the caller may see)."""
+    async def _lifecycle_get(request: Request, admin_shop: str | None, path: str) -> httpx.Response:
+        """A read of lifecycle's API made with the caller's own key (so it sees exactly
+        what the caller may see); 503 when lifecycle cannot be reached."""
         base = ctx.settings.lifecycle_url or f"http://127.0.0.1:{ctx.settings.port}"
         params, headers = _as_caller(request, admin_shop)
         try:
             async with httpx.AsyncClient(timeout=10) as client:
-                r = await client.get(f"{base}/v1/overview", params=params, headers=headers)
+                return await client.get(f"{base}{path}", params=params, headers=headers)
         except httpx.HTTPError as exc:
             raise Problem(503, f"lifecycle cannot be reached: {exc!r}"[:200]) from None
+
+    async def _repurchase_cycle(request: Request, admin_shop: str | None) -> dict[str, Any]:
+        """The shop's repurchase-cycle percentiles from lifecycle's overview, read with the
+        caller's own key (so it sees exactly what the caller may see)."""
+        r = await _lifecycle_get(request, admin_shop, "/v1/overview")
         if r.status_code != 200:
             raise Problem(503, f"lifecycle answered {r.status_code} for the overview")
         cycle = r.json().get("repurchase_cycle_days") or {}
@@ -624,13 +629,7 @@ def build_router(ctx: ServiceContext, *, clock: Callable[[], datetime]) -> APIRo
     async def _repurchase_model(request: Request, admin_shop: str | None) -> dict[str, Any]:
         """Whether the shop has a fitted repurchase model (lifecycle's
         `GET /v1/models/repurchase`, read with the caller's own key), and why not."""
-        base = ctx.settings.lifecycle_url or f"http://127.0.0.1:{ctx.settings.port}"
-        params, headers = _as_caller(request, admin_shop)
-        try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                r = await client.get(f"{base}/v1/models/repurchase", params=params, headers=headers)
-        except httpx.HTTPError as exc:
-            raise Problem(503, f"lifecycle cannot be reached: {exc!r}"[:200]) from None
+        r = await _lifecycle_get(request, admin_shop, "/v1/models/repurchase")
         if r.status_code == 200:
             return {"repurchase_model": True}
         if r.status_code in (404, 409):

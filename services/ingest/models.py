@@ -6,7 +6,7 @@ services keep projections of them); here they are the source of truth.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Index, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, Index, MetaData, String, Table, Text
 
 from libs.common.db.tables import EVENT_KEY_LENGTH, api_keys, shops
 from libs.common.db.types import UtcDateTime
@@ -39,4 +39,18 @@ ingest_ledger = Table(
 retry horizon so a redelivered webhook produces no second event. Rows expire; this is
 an idempotency ledger, not per-event business state."""
 
-__all__ = ["api_keys", "ingest_ledger", "shops", "webhook_secrets"]
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("shop_id", String(64), nullable=False),
+    Column("is_admin", Boolean, nullable=False),
+    Column("key_sealed", String(1024), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    Index("ix_console_sessions_expires_at", "expires_at"),
+)
+"""The operator console's sessions (`console.sessions`): the token's hash, the shop, the
+operator's key sealed with AES-GCM, the CSRF token, the expiry."""
+
+__all__ = ["api_keys", "console_sessions", "ingest_ledger", "shops", "webhook_secrets"]

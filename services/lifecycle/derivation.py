@@ -301,10 +301,9 @@ async def _derive_chunk(
                     discriminator=str(derived.level),
                 )
             )
-        reason = (
-            None if prediction is None else _prediction_news(before, derived, prediction, policy)
-        )
-        if prediction is not None and reason is not None:
+        if prediction is not None and (
+            reason := _prediction_news(before, derived, prediction, policy)
+        ):
             outgoing.append(
                 change_event(
                     "customer.prediction_changed",

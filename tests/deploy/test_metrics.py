@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 
-import httpx
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import services.platform  # noqa: F401  (every service's metrics registered)
 from tests.deploy.tools import ROOT
-from tests.metrics_check import FORBIDDEN_LABELS, parse
+from tests.metrics_check import FORBIDDEN_LABELS, scrape
 from tests.platform import Platform
 
 README = ROOT / "README.md"
@@ -69,13 +68,11 @@ async def test_dashboards_and_alerts_use_only_metrics_the_services_expose(
 ) -> None:
     from tests.deploy.promql import metric_names
 
-    exposed: set[str] = set()
-    async with httpx.AsyncClient(timeout=30) as client:
-        for name, port in platform.ports.items():
-            if platform.processes[name].poll() is None:
-                r = await client.get(f"http://127.0.0.1:{port}/metrics")
-                assert r.status_code == 200, r.text
-                exposed |= {_family_name(n, t) for n, t in parse(r.text).families.items()}
+    exposed = {
+        _family_name(name, kind)
+        for exposition in (await scrape(platform)).values()
+        for name, kind in exposition.families.items()
+    }
     used = metric_names()
     assert used, "the dashboards and alerts use no metric"
     missing = sorted(used - exposed)

@@ -38,7 +38,7 @@ class Backend:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def call(
+    async def _send(
         self,
         session: Session,
         service: str,
@@ -47,8 +47,9 @@ class Backend:
         *,
         params: dict[str, Any] | None = None,
         json: Any = None,
-    ) -> Any:
-        """The JSON answer of a route; an `ApiError` for a 4xx/5xx."""
+    ) -> httpx.Response:
+        """The route's answer as the session's principal; an `ApiError` for a 4xx/5xx
+        (the service's problem detail and field errors when it sent them)."""
         query = {k: v for k, v in (params or {}).items() if v not in (None, "")}
         if session.is_admin:
             query["shop_id"] = session.shop_id
@@ -64,23 +65,31 @@ class Backend:
                 body = r.json()
             except ValueError:
                 body = {}
+            if not isinstance(body, dict):
+                body = {}
             detail = str(body.get("detail") or body.get("title") or r.reason_phrase)
             raise ApiError(r.status_code, detail, list(body.get("errors") or []))
+        return r
+
+    async def call(
+        self,
+        session: Session,
+        service: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+    ) -> Any:
+        """The JSON answer of a route; an `ApiError` for a 4xx/5xx."""
+        r = await self._send(session, service, method, path, params=params, json=json)
         if r.status_code == 204 or not r.content:
             return None
         return r.json()
 
     async def text(self, session: Session, service: str, path: str) -> str:
         """A route's body as text (a CSV export); an `ApiError` for a 4xx/5xx."""
-        query = {"shop_id": session.shop_id} if session.is_admin else {}
-        r = await self.client.get(
-            f"{self.bases[service]}{path}",
-            params=query,
-            headers={"Authorization": f"Bearer {session.key}"},
-        )
-        if r.status_code >= 400:
-            raise ApiError(r.status_code, r.reason_phrase, [])
-        return r.text
+        return (await self._send(session, service, "GET", path)).text
 
     async def get(self, session: Session, service: str, path: str, **params: Any) -> Any:
         return await self.call(session, service, "GET", path, params=params)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import (
@@ -175,13 +175,11 @@ def build_console(
 
     @router.get("/lang/{lang}")
     async def switch_language(request: Request, lang: str) -> Response:
-        back = request.headers.get("referer") or "/console/overview"
-        target = back if "/console/" in back and "//" not in back.split("/console/", 1)[1] else ""
-        response = RedirectResponse(
-            "/console/" + target.split("/console/", 1)[1] if target else "/console/overview",
-            303,
-            headers=HEADERS,
-        )
+        # Back to the console page the switch was clicked on (never to another site).
+        back = request.headers.get("referer") or ""
+        _, found, rest = back.partition("/console/")
+        target = f"/console/{rest}" if found and "//" not in rest else "/console/overview"
+        response = RedirectResponse(target, 303, headers=HEADERS)
         if lang in i18n.LANGS:
             _cookie(response, request, LANG_COOKIE, lang, max_age=365 * 86400, http_only=False)
         return response
@@ -191,7 +189,8 @@ def build_console(
         path = STATIC / name
         if "/" in name or name.startswith(".") or not path.is_file():
             raise HTTPException(404)
-        return FileResponse(path, headers={"Cache-Control": "public, max-age=3600", **_nosniff()})
+        headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        return FileResponse(path, headers=headers)
 
     # -- pages ----------------------------------------------------------------------
 
@@ -300,7 +299,7 @@ def build_console(
                 status=422,
                 playbook=playbooks[name],
                 fields=fields,
-                errors=exc.errors or [{"field": "", "message": exc.detail}],
+                errors=_errors(exc),
                 values={f["name"]: form.get(f"p_{f['name']}", "") for f in fields},
             )
         return RedirectResponse(f"/console/journeys/{made['journey_id']}", 303, headers=HEADERS)
@@ -415,18 +414,24 @@ def build_console(
             problem=problem,
         )
 
-    async def tags(request: Request, session: Session) -> Response:
+    async def tags_page(
+        request: Request, session: Session, status: int = 200, errors: Any = None
+    ) -> Response:
         found = await backend.get(session, "lifecycle", "/v1/tags")
         segments = await backend.get(session, "lifecycle", "/v1/segments")
         return render(
             request,
             "tags.html",
             session,
+            status=status,
             tags=found,
             segments=segments,
             stage_names=list(i18n.STAGES),
-            errors=[],
+            errors=errors or [],
         )
+
+    async def tags(request: Request, session: Session) -> Response:
+        return await tags_page(request, session)
 
     async def count_segment(request: Request, session: Session) -> Response:
         """The builder's live count (fetched by console.js as the form changes)."""
@@ -449,18 +454,7 @@ def build_console(
         except ApiError as exc:
             if exc.status != 422:
                 raise
-            found = await backend.get(session, "lifecycle", "/v1/tags")
-            segments = await backend.get(session, "lifecycle", "/v1/segments")
-            return render(
-                request,
-                "tags.html",
-                session,
-                status=422,
-                tags=found,
-                segments=segments,
-                stage_names=list(i18n.STAGES),
-                errors=exc.errors or [{"field": "", "message": exc.detail}],
-            )
+            return await tags_page(request, session, status=422, errors=_errors(exc))
         return RedirectResponse("/console/tags", 303, headers=HEADERS)
 
     async def export_segment(request: Request, session: Session) -> Response:
@@ -523,17 +517,22 @@ def build_console(
         except ApiError as exc:
             if exc.status != 422:
                 raise
-            return await template_page(
-                request, session, status=422, errors=exc.errors or [{"message": exc.detail}]
-            )
+            return await template_page(request, session, status=422, errors=_errors(exc))
         return RedirectResponse(f"/console/templates/{name}", 303, headers=HEADERS)
 
-    async def channels(request: Request, session: Session) -> Response:
+    async def channels_page(
+        request: Request, session: Session, status: int = 200, errors: Any = None
+    ) -> Response:
         found = {
             name: await backend.get(session, "notifier", f"/v1/channels/{name}")
             for name in ("sms", "email")
         }
-        return render(request, "channels.html", session, channels=found, errors=[])
+        return render(
+            request, "channels.html", session, status=status, channels=found, errors=errors or []
+        )
+
+    async def channels(request: Request, session: Session) -> Response:
+        return await channels_page(request, session)
 
     async def save_channel(request: Request, session: Session) -> Response:
         form = await form_of(request, session)
@@ -560,11 +559,8 @@ def build_console(
             except ApiError as exc:
                 if exc.status != 422:
                     raise
-                errors = exc.errors or [{"field": "", "message": exc.detail}]
-        found = {
-            n: await backend.get(session, "notifier", f"/v1/channels/{n}") for n in ("sms", "email")
-        }
-        return render(request, "channels.html", session, status=422, channels=found, errors=errors)
+                errors = _errors(exc)
+        return await channels_page(request, session, status=422, errors=errors)
 
     for path, handler, methods in (
         ("/overview", overview, ["GET"]),
@@ -592,6 +588,11 @@ def build_console(
         router.add_api_route(path, page(handler), methods=methods)
 
     return router, backend
+
+
+def _errors(exc: ApiError) -> list[dict[str, Any]]:
+    """A refusal's field errors, or its detail as the one error."""
+    return exc.errors or [{"field": "", "message": exc.detail}]
 
 
 def _bearer(key: str) -> Request:
@@ -626,14 +627,8 @@ def _cookie(
     )
 
 
-def _nosniff() -> dict[str, str]:
-    return {"X-Content-Type-Options": "nosniff"}
-
-
 def _segment(value: str) -> str:
     """A path segment as the API expects it (percent-encoded)."""
-    from urllib.parse import quote
-
     return quote(value, safe="")
 
 

@@ -17,24 +17,12 @@ from datetime import UTC, datetime, timedelta
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import Boolean, Column, MetaData, String, Table, delete, insert, select
+from sqlalchemy import delete, insert, select
 
 from libs.common.db import Database
-from libs.common.db.types import UtcDateTime
+from services.ingest.models import console_sessions
 
 TTL = timedelta(hours=12)
-
-metadata = MetaData()
-console_sessions = Table(
-    "console_sessions",
-    metadata,
-    Column("token_hash", String(64), primary_key=True),
-    Column("shop_id", String(64), nullable=False),
-    Column("is_admin", Boolean, nullable=False),
-    Column("key_sealed", String(1024), nullable=False),
-    Column("csrf", String(64), nullable=False),
-    Column("expires_at", UtcDateTime(), nullable=False),
-)
 
 
 @dataclass(frozen=True)
