@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -150,6 +152,26 @@ async def replay_platform(
     replays of thousands of events: the session's platform consumes ten per transaction."""
     async with running_platform(request, tmp_path_factory, "replay") as started:
         yield started
+
+
+EARLY = ("test_bench_smoke", "test_fuzz")
+"""Modules whose long runs (minutes of mostly waiting on processes they start) begin with
+the session, beside the other tests; their tests then wait for what they check."""
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    factory: pytest.TempPathFactory = getattr(session.config, "_tmp_path_factory")  # noqa: B009
+    for name in EARLY:
+        if any(item.nodeid.startswith(f"tests/{name}.py") for item in session.items):
+            module = importlib.import_module(f"tests.{name}")
+            module.start(factory.mktemp(name.removeprefix("test_")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for name in EARLY:
+        module = sys.modules.get(f"tests.{name}")
+        if module is not None:
+            module.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -209,12 +209,14 @@ class Runtime:
             for task in running.parts.background:
                 await task.start()
             await running.ctx.outbox.start()
-            for sub in running.parts.subscriptions:
-                consumer = self.bus.consumer(
-                    sub.group, sub.topics, sub.handler, progress=sub.progress
-                )
-                await consumer.start()
-                running.consumers.append(consumer)
+            running.consumers.extend(
+                self.bus.consumer(sub.group, sub.topics, sub.handler, progress=sub.progress)
+                for sub in running.parts.subscriptions
+            )
+        # Every consumer group joins at once: on Kafka each join takes seconds (the
+        # coordinator's round trips and the first rebalance), one after another they added up.
+        await asyncio.gather(*(c.start() for running in self.services for c in running.consumers))
+        for running in self.services:
             handlers = {
                 **running.parts.timer_handlers,
                 **{job.kind: job.handler for job in running.parts.recurring},
