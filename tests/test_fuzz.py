@@ -34,14 +34,12 @@ are rightly refused with 422.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,91 +88,26 @@ class Fuzzed:
     bus: str = ""
 
 
-class FuzzRun:
-    """The whole fuzz in a thread of its own: the platform, its seeding, then both
-    Schemathesis runs (shop key, admin key) one after the other. Two minutes of mostly
-    waiting on processes, so it starts with the session (`start`, called by the conftest
-    once a test of this module is collected) beside the other tests, and each test here
-    waits for the part it checks."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.state: Fuzzed | None = None
-        self.error: BaseException | None = None
-        self.outputs: dict[str, tuple[int, Path]] = {}
-        self.platform: Platform | None = None
-        self.done = {identity: threading.Event() for identity in IDENTITIES}
-        self.thread = threading.Thread(target=self._main, name="fuzz", daemon=True)
-        self.thread.start()
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._fuzz())
-        except BaseException as exc:  # handed to every test of the module
-            self.error = exc
-        finally:
-            for event in self.done.values():
-                event.set()
-
-    async def _fuzz(self) -> None:
-        settings = make_settings("embedded", self.workdir, bus_publish_timeout_s=2)
-        platform = self.platform = Platform(settings, self.workdir)
-        await platform.start()
-        try:
-            state = Fuzzed(
-                base_url=platform.url(""),
-                admin_key=platform.admin_key,
-                accepted_file=str(self.workdir / "accepted-ids.txt"),
-                bus=str(self.workdir / "bus.db"),
-            )
-            for shop in SHOPS:
-                state.keys[shop] = await platform.create_shop(shop, webhook_secrets=SECRETS)
-            for shop in SHOPS:
-                await _seed(platform, state, shop)
-            self.state = state
-            for identity in IDENTITIES:
-                folder = self.workdir / f"schemathesis-{identity}"
-                folder.mkdir()
-                returncode = await asyncio.to_thread(_schemathesis, state, identity, folder)
-                self.outputs[identity] = (returncode, folder / "schemathesis.txt")
-                self.done[identity].set()
-        finally:
-            platform.stop()
-
-    def wait(self, identity: str) -> tuple[Fuzzed, int, Path]:
-        """The state and the outcome of one Schemathesis run, once it has ended."""
-        if not self.done[identity].wait(timeout=(6 * 3600 if DEEP else 3600) * 2):
-            raise TimeoutError(f"the fuzz with the {identity} key did not end")
-        if self.error is not None:
-            raise self.error
-        assert self.state is not None
-        return (self.state, *self.outputs[identity])
-
-    def stop(self) -> None:
-        """At the session's end: a run no test waited for leaves no process behind."""
-        if self.thread.is_alive() and self.platform is not None:
-            self.platform.stop()  # the fuzzer's requests then fail and it ends
-        self.thread.join(timeout=60)
-
-
-IDENTITIES = ("shop", "admin")
-_RUN: list[FuzzRun] = []
-
-
-def start(workdir: Path) -> FuzzRun:
-    if not _RUN:
-        _RUN.append(FuzzRun(workdir))
-    return _RUN[0]
-
-
-def stop() -> None:
-    for run in _RUN:
-        run.stop()
-
-
 @pytest.fixture(scope="module")
-def fuzz(tmp_path_factory: pytest.TempPathFactory) -> FuzzRun:
-    return start(tmp_path_factory.mktemp("fuzz"))  # alone (-k, one file): started here
+async def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuzzed]:
+    workdir = tmp_path_factory.mktemp("fuzz")
+    settings = make_settings("embedded", workdir, bus_publish_timeout_s=2)
+    platform = Platform(settings, workdir)
+    await platform.start()
+    try:
+        state = Fuzzed(
+            base_url=platform.url(""),
+            admin_key=platform.admin_key,
+            accepted_file=str(workdir / "accepted-ids.txt"),
+            bus=str(workdir / "bus.db"),
+        )
+        for shop in SHOPS:
+            state.keys[shop] = await platform.create_shop(shop, webhook_secrets=SECRETS)
+        for shop in SHOPS:
+            await _seed(platform, state, shop)
+        yield state
+    finally:
+        platform.stop()
 
 
 async def _seed(platform: Platform, state: Fuzzed, shop: str) -> None:
@@ -326,13 +259,14 @@ def fuzz_config(state: Fuzzed, key: str, no_coverage: list[tuple[str, str]]) -> 
     return "\n".join(lines) + "\n"
 
 
-def _schemathesis(fuzzed: Fuzzed, identity: str, folder: Path) -> int:
-    """One `schemathesis run` over the whole document with the identity's key; its output
-    goes to `folder/schemathesis.txt`."""
+@pytest.mark.parametrize("identity", ["shop", "admin"])
+def test_every_operation_conforms_and_refusals_change_nothing(
+    fuzzed: Fuzzed, identity: str, tmp_path: Path
+) -> None:
     key = fuzzed.admin_key if identity == "admin" else fuzzed.keys[SHOPS[0]]
-    state = folder / "target.json"
+    state = tmp_path / "target.json"
     state.write_text(json.dumps({**asdict(fuzzed), "accepted_ids": []}))
-    config = folder / "schemathesis.toml"
+    config = tmp_path / "schemathesis.toml"
     document = httpx.get(f"{fuzzed.base_url}/openapi.json", timeout=30).json()
     no_coverage = [] if DEEP else recursive_bodies(document)
     if identity == "admin" and not DEEP:
@@ -363,22 +297,17 @@ def _schemathesis(fuzzed: Fuzzed, identity: str, folder: Path) -> int:
             "run",
             f"{fuzzed.base_url}/openapi.json",
         ],
-        cwd=folder,  # Schemathesis and Hypothesis keep their files in the working folder
+        cwd=tmp_path,  # Schemathesis and Hypothesis keep their files in the working folder
         env=env,
         capture_output=True,
         text=True,
         timeout=6 * 3600 if DEEP else 3600,
     )
-    (folder / "schemathesis.txt").write_text(done.stdout + done.stderr)
-    return done.returncode
-
-
-@pytest.mark.parametrize("identity", IDENTITIES)
-def test_every_operation_conforms_and_refusals_change_nothing(fuzz: FuzzRun, identity: str) -> None:
-    _, returncode, output = fuzz.wait(identity)
-    assert returncode == 0, (
+    output = done.stdout + done.stderr
+    (tmp_path / "schemathesis.txt").write_text(output)
+    assert done.returncode == 0, (
         f"Schemathesis found failures with the {identity} key "
-        f"(full output: {output}):\n{_failures(output.read_text())}"
+        f"(full output: {tmp_path / 'schemathesis.txt'}):\n{_failures(output)}"
     )
 
 
@@ -415,11 +344,9 @@ def test_the_document_describes_every_answer(tmp_path: Path) -> None:
                 assert {"401", "403"} <= set(operation["responses"]), label
 
 
-def test_no_event_reached_the_bus_that_no_answer_accepted(fuzz: FuzzRun) -> None:
+def test_no_event_reached_the_bus_that_no_answer_accepted(fuzzed: Fuzzed) -> None:
     """Refused deliveries publish nothing: every event on the bus for the two shops has an
     id that a 2xx answer returned (to the seeding, or to the fuzzer)."""
-    for identity in IDENTITIES:
-        fuzzed, _, _ = fuzz.wait(identity)
     accepted = set(fuzzed.accepted_ids)
     if Path(fuzzed.accepted_file).exists():
         accepted |= set(Path(fuzzed.accepted_file).read_text().split())
