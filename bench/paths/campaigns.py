@@ -281,7 +281,7 @@ async def _fire(run: Run, db: Database, mode: str, journey: str) -> None:
         worker = _worker(db, lanes=True)
         started = time.perf_counter()
         await worker.start()
-        while await _sent(db, prefix) < backlog:
+        while await _due_left(db):
             if time.perf_counter() - started > backlog / 100 + 120:
                 raise TimeoutError("reminders did not all fire")
             await _pause()
@@ -303,6 +303,25 @@ async def _fire(run: Run, db: Database, mode: str, journey: str) -> None:
             ),
         )
     )
+
+
+async def _due_left(db: Database) -> int:
+    """Timers due now: a claim deletes its timers in the transaction that writes their
+    sends, so none left due means every fire committed. The probe reads only the due end
+    of the `due_at` index; counting the send rows instead scanned the growing sends table
+    every 20 ms, on the same database, and slowed the very firing it measured (at
+    20,000 reminders: 1 s of SQLite time in 101 polls, against 1.6 s for the firing's own
+    statements)."""
+    async with db.connect() as conn:
+        return int(
+            (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(timers)
+                    .where(timers.c.due_at <= datetime.now(UTC))
+                )
+            ).scalar_one()
+        )
 
 
 async def _pause() -> None:
