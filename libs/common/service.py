@@ -236,7 +236,8 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop everything: each consumer first finishes the batch in hand (at most
-        `shutdown_grace_s`, all consumers at once), commits it and leaves its group."""
+        `shutdown_grace_s`, all consumers at once), commits it and leaves its group; then
+        each timer worker finishes and commits the round in hand (at most as long)."""
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(
             *(c.stop(grace) for running in self.services for c in running.consumers)
@@ -244,7 +245,7 @@ class Runtime:
         for running in self.services:
             running.consumers.clear()
             if running.timers is not None:
-                await running.timers.stop()
+                await running.timers.stop(grace)
             await running.ctx.outbox.stop()
             for task in running.parts.background:
                 await task.stop()

@@ -333,8 +333,13 @@ class TimerWorker:
         """The earliest due time hinted since the current round began."""
         self._progress_at = time.monotonic()
         """When the worker last finished a round (fired, found nothing, or failed)."""
+        self._stopping = False
+        self._idle = asyncio.Event()
+        """Set while no round is in hand (the worker sleeps, or has not started)."""
+        self._idle.set()
 
     async def start(self) -> None:
+        self._stopping = False
         self._loop = asyncio.get_running_loop()
         _watch(self)
         self._progress_at = time.monotonic()
@@ -349,13 +354,22 @@ class TimerWorker:
             "no round finished",
         )
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop: a round in hand finishes and commits (for up to `grace` seconds), then
+        the worker is cancelled where it sleeps. Cancelling a round instead rolls it back,
+        and on SQLite a cancel landing while `BEGIN IMMEDIATE` runs on aiosqlite's thread
+        left the write lock held by a connection nobody used any more."""
         _unwatch(self)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        if not self._idle.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     def _notify(self, due: datetime) -> None:
         """A timer due at `due` was scheduled in this process and its transaction ended
@@ -387,9 +401,10 @@ class TimerWorker:
                 sleeping.reschedule(wake_at)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._hint_due = None
             now = self.clock()
+            self._idle.clear()
             try:
                 fired, next_due, now = await self._drain()
             except asyncio.CancelledError:
@@ -403,6 +418,8 @@ class TimerWorker:
                 else:
                     log.exception("timer round failed", extra={"service": self.service})
                 fired, next_due = 0, None
+            finally:
+                self._idle.set()
             self._progress_at = time.monotonic()
             delay = self._delay(now, fired, next_due)
             loop = asyncio.get_running_loop()
@@ -427,7 +444,7 @@ class TimerWorker:
                     full = full or claimed >= self.batch_size
                     if due is not None and (next_due is None or due < next_due):
                         next_due = due
-                if not full:
+                if not full or self._stopping:
                     return fired, next_due, now
 
     def _delay(self, claimed_at: datetime, fired: int, next_due: datetime | None) -> float:

@@ -201,6 +201,34 @@ async def test_after_commit_jobs_run_only_once_their_round_committed(db: Databas
     assert await count(db, dead_timers) == 1
 
 
+async def test_a_stop_lets_the_round_in_hand_commit(db: Database) -> None:
+    """A stop during a round waits for it: its timers are fired and their effect committed
+    (a cancel would roll the round back), and the database is free for a writer after."""
+    async with db.begin() as conn:
+        await schedule(conn, [Timer(f"shop|{n}", "remind", "shop", NOW) for n in range(3)])
+    entered, release = asyncio.Event(), asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(conn: AsyncConnection, batch: list[Timer]) -> None:
+        await recorder(conn, batch)
+        entered.set()
+        await release.wait()
+
+    w = TimerWorker(db, "plumbing", {"remind": slow}, clock=lambda: NOW)
+    await w.start()
+    await asyncio.wait_for(entered.wait(), 30)
+    stopping = asyncio.create_task(w.stop())
+    await asyncio.sleep(0)  # the stop is under way, waiting for the round
+    assert not stopping.done()
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+    assert await count(db, timers) == 0
+    assert await count(db, processed_events) == 3
+    async with db.begin() as conn:  # nothing holds the write lock
+        await schedule(conn, [Timer("shop|after", "remind", "shop", NOW)])
+    assert await count(db, timers) == 1
+
+
 async def test_rescheduling_a_key_replaces_it_and_cancel_removes_it(db: Database) -> None:
     async with db.begin() as conn:
         await schedule(conn, [Timer("shop|cust-1", "remind", "shop", NOW)])
