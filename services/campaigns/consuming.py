@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.common.db.keysets import by_shop
+from libs.common.db.keysets import by_shop, planned_per_execution
 from libs.common.events import Envelope
 from services.campaigns import projection
 from services.campaigns.conditions import evaluate
@@ -51,34 +51,37 @@ async def apply_events(
     """Apply a consumed batch: projection, goals, waits for events, conversions, triggers."""
     run = Run(conn, now or datetime.now(UTC), namespace=namespace)
     shop_ids = {e.shop_id for e in events}
-    run.snap = await projection.load(conn, events)
-    await run.load_shops(shop_ids)
-    run.journeys = await load_journeys(conn, shop_ids)
-    # The projection is applied for the whole batch first (to know whom every event is
-    # about and lock what it may touch); each `Resolved` keeps the order's statuses as of
-    # its event, which is what the goal-met check at enrollment looks at. Carrier updates
-    # naming a waybill no order named yet wait (parked) until an order names it.
-    ready: list[tuple[Envelope, projection.Resolved]] = []
-    waiting: list[Envelope] = []
-    for event in events:
-        who = projection.apply(run.snap, event)
-        if projection.waits_for_order(event, who):
-            waiting.append(event)
-        else:
-            ready.append((event, who))
-    linked = projection.linked_parcels(run.snap)
-    if linked:
-        revived = [*waiting, *await projection.unpark(conn, linked)]
-        waiting = []
-        for event in revived:
+    # The reads join the batch's keys: planned for their parameters each time (a generic
+    # plan made while the tables were small scanned them whole for every batch).
+    async with planned_per_execution(conn):
+        run.snap = await projection.load(conn, events)
+        await run.load_shops(shop_ids)
+        run.journeys = await load_journeys(conn, shop_ids)
+        # The projection is applied for the whole batch first (to know whom every event is
+        # about and lock what it may touch); each `Resolved` keeps the order's statuses as of
+        # its event, which is what the goal-met check at enrollment looks at. Carrier updates
+        # naming a waybill no order named yet wait (parked) until an order names it.
+        ready: list[tuple[Envelope, projection.Resolved]] = []
+        waiting: list[Envelope] = []
+        for event in events:
             who = projection.apply(run.snap, event)
             if projection.waits_for_order(event, who):
                 waiting.append(event)
             else:
                 ready.append((event, who))
-    await projection.park(conn, waiting, run.now)
-    await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
-    await _read_entries(run, ready)
+        linked = projection.linked_parcels(run.snap)
+        if linked:
+            revived = [*waiting, *await projection.unpark(conn, linked)]
+            waiting = []
+            for event in revived:
+                who = projection.apply(run.snap, event)
+                if projection.waits_for_order(event, who):
+                    waiting.append(event)
+                else:
+                    ready.append((event, who))
+        await projection.park(conn, waiting, run.now)
+        await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
+        await _read_entries(run, ready)
     for event, who in ready:
         await _on_event(run, event, who)
     await projection.save(conn, run.snap)

@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.common.db.keysets import by_shop
+from libs.common.db.keysets import by_shop, planned_per_execution
 from libs.common.db.tables import timers
 from libs.common.timers import Timer
 from services.campaigns import projection
@@ -88,21 +88,22 @@ async def fire_timers(
     run = Run(conn, now or datetime.now(UTC), namespace=namespace)
     run.claimed = {t.key for t in fired}
     by_key = {(t.shop_id, str(t.payload["e"])): t for t in fired}
-    e = enrollments.c
-    loaded: list[Enrollment] = []
-    for where in by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
-        query = select_rows().where(where).order_by(e.shop_id, e.enrollment_id)
-        if run.postgres:
-            query = query.with_for_update()
-        loaded += [from_row(row) for row in await conn.execute(query)]
-    gated_any = any(t.payload.get("g") for t in fired)
-    mark = await watermark(conn) if gated_any else None
-    if mark is not None:
-        WATERMARK_LAG.set(max(0.0, run.now.timestamp() - mark))
-    await run.load_shops(en.shop_id for en in loaded)
-    run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
-    keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
-    run.snap = await projection.load_state(conn, keys)
+    async with planned_per_execution(conn):  # as the consumer's reads (`consuming`)
+        e = enrollments.c
+        loaded: list[Enrollment] = []
+        for where in by_shop(enrollments, "enrollment_id", by_key, chunk=1000):
+            query = select_rows().where(where).order_by(e.shop_id, e.enrollment_id)
+            if run.postgres:
+                query = query.with_for_update()
+            loaded += [from_row(row) for row in await conn.execute(query)]
+        gated_any = any(t.payload.get("g") for t in fired)
+        mark = await watermark(conn) if gated_any else None
+        if mark is not None:
+            WATERMARK_LAG.set(max(0.0, run.now.timestamp() - mark))
+        await run.load_shops(en.shop_id for en in loaded)
+        run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
+        keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
+        run.snap = await projection.load_state(conn, keys)
     for enrollment in loaded:
         timer = by_key[enrollment.key]
         run.add(enrollment)
