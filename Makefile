@@ -19,8 +19,10 @@ run: $(STAMP)
 	$(BIN)/huitou up
 
 ## ruff, mypy, then the whole test suite (starts its own PostgreSQL and Kafka-protocol broker).
+## Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: the suite starts a few
+## hundred Python processes, and each would otherwise compile every module it imports.
 test: $(STAMP) lint $(BIN)/promtool browser
-	$(BIN)/python -m pytest -q
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q
 
 ## promtool (not on PyPI) for tests/deploy/test_alerts.py: unpacked from Debian's package.
 $(BIN)/promtool: scripts/install-promtool.sh

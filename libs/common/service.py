@@ -236,16 +236,15 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop everything: each consumer first finishes the batch in hand (at most
-        `shutdown_grace_s`, all consumers at once), commits it and leaves its group; then
-        each timer worker finishes and commits the round in hand (at most as long)."""
+        `shutdown_grace_s`, all consumers at once), commits it and leaves its group; each
+        timer worker, meanwhile, finishes and commits the round in hand."""
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(
-            *(c.stop(grace) for running in self.services for c in running.consumers)
+            *(c.stop(grace) for running in self.services for c in running.consumers),
+            *(r.timers.stop(grace) for r in self.services if r.timers is not None),
         )
         for running in self.services:
             running.consumers.clear()
-            if running.timers is not None:
-                await running.timers.stop(grace)
             await running.ctx.outbox.stop()
             for task in running.parts.background:
                 await task.stop()

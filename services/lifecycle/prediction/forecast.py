@@ -79,11 +79,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import linalg, stats
+from scipy import linalg
 
 from services.lifecycle.prediction import model
 from services.lifecycle.prediction.model import BgNbdParams, FloatArray
@@ -91,7 +92,7 @@ from services.lifecycle.prediction.model import BgNbdParams, FloatArray
 NORMAL_FROM: Final = 30.0
 """From this expected total up the interval is normal; below it, a matched count law."""
 LEVEL: Final = 0.95
-_Z: Final = float(stats.norm.ppf(0.5 + LEVEL / 2))
+_Z: Final = NormalDist().inv_cdf(0.5 + LEVEL / 2)
 _DELTA_STEP: Final = 1e-3  # central-difference step in the log-parameters
 _QUAD_TOL: Final = 1e-14  # target of the Gauss–Jacobi error bound ρ^(−2n)
 _MIN_NODES: Final = 16
@@ -394,6 +395,10 @@ def _intervals(
     expected: FloatArray, variance: FloatArray
 ) -> tuple[FloatArray, FloatArray, list[IntervalMethod]]:
     """95% intervals for totals with these means and variances (see the module docstring)."""
+    # Imported here: `scipy.stats` takes ~1 s to import, and every service process imports
+    # this module (the platform's registry) while only a forecast needs it.
+    from scipy import stats
+
     tail = (1.0 - LEVEL) / 2.0
     sd = np.sqrt(variance)
     low = np.maximum(expected - _Z * sd, 0.0)
