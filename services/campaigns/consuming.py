@@ -62,23 +62,11 @@ async def apply_events(
         # its event, which is what the goal-met check at enrollment looks at. Carrier updates
         # naming a waybill no order named yet wait (parked) until an order names it.
         ready: list[tuple[Envelope, projection.Resolved]] = []
-        waiting: list[Envelope] = []
-        for event in events:
-            who = projection.apply(run.snap, event)
-            if projection.waits_for_order(event, who):
-                waiting.append(event)
-            else:
-                ready.append((event, who))
+        waiting = _apply_projection(run.snap, events, ready)
         linked = projection.linked_parcels(run.snap)
         if linked:
             revived = [*waiting, *await projection.unpark(conn, linked)]
-            waiting = []
-            for event in revived:
-                who = projection.apply(run.snap, event)
-                if projection.waits_for_order(event, who):
-                    waiting.append(event)
-                else:
-                    ready.append((event, who))
+            waiting = _apply_projection(run.snap, revived, ready)
         await projection.park(conn, waiting, run.now)
         await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
         await _read_entries(run, ready)
@@ -86,6 +74,23 @@ async def apply_events(
         await _on_event(run, event, who)
     await projection.save(conn, run.snap)
     await run.flush()
+
+
+def _apply_projection(
+    snap: projection.Snapshot,
+    events: Sequence[Envelope],
+    ready: list[tuple[Envelope, projection.Resolved]],
+) -> list[Envelope]:
+    """Apply `events` to the projection: each with its `Resolved` onto `ready`; returns
+    those that wait for an order to name their waybill."""
+    waiting: list[Envelope] = []
+    for event in events:
+        who = projection.apply(snap, event)
+        if projection.waits_for_order(event, who):
+            waiting.append(event)
+        else:
+            ready.append((event, who))
+    return waiting
 
 
 async def _read_entries(run: Run, ready: Sequence[tuple[Envelope, projection.Resolved]]) -> None:
