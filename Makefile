@@ -43,9 +43,13 @@ clean:
 	rm -rf $(VENV) .huitou .pytest_cache .mypy_cache .ruff_cache
 
 ## Benchmarks (bench/README.md): quick takes minutes, full much longer; results in bench/results/.
-.PHONY: bench bench-full
+.PHONY: bench bench-full bench-soak
 bench: $(STAMP)
 	$(BIN)/python -m bench quick
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench full
+
+## The ten-minute soak alone (memory of every service under a steady stream), both modes.
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench full --paths soak

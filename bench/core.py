@@ -29,6 +29,7 @@ PATHS = (
     "campaigns",
     "notifier",
     "memory",
+    "soak",
     "prediction",
     "celery",
 )
@@ -46,6 +47,8 @@ class Size:
     connections: int
     lifecycle_events: int
     lifecycle_customers: int
+    lifecycle_history_events: int
+    """Events of each run at 1, 10 and 100 orders per customer (at most lifecycle_events)."""
     e2e_rate: int
     """Steady webhooks per second in distributed mode."""
     e2e_seconds: float
@@ -63,6 +66,10 @@ class Size:
     memory_events: int
     memory_checkpoints: int
     prediction_customers: int
+    soak_seconds: float
+    soak_rate: tuple[int, int]
+    """Steady webhooks per second of the soak: embedded, distributed."""
+    soak_sample_s: float
     distributed_paths: tuple[str, ...] = PATHS
     warmup_s: float = 1.0
     """Load before each measured ingest run (and once before the end-to-end runs)."""
@@ -77,6 +84,7 @@ SIZES = {
         connections=32,
         lifecycle_events=1_000,
         lifecycle_customers=100,
+        lifecycle_history_events=1_000,
         e2e_rate=25,
         e2e_seconds=2,
         e2e_ladder=(25,),
@@ -90,6 +98,9 @@ SIZES = {
         memory_events=2_000,
         memory_checkpoints=2,
         prediction_customers=20_000,
+        soak_seconds=5,
+        soak_rate=(20, 20),
+        soak_sample_s=1,
         distributed_paths=("timers",),
         timer_phases=("x1", "raw1", "skew"),
         warmup_s=0,
@@ -101,6 +112,7 @@ SIZES = {
         connections=64,
         lifecycle_events=5_000,
         lifecycle_customers=500,
+        lifecycle_history_events=5_000,
         e2e_rate=1_000,
         e2e_seconds=5,
         e2e_ladder=(100, 250, 500, 1_000),
@@ -114,6 +126,9 @@ SIZES = {
         memory_events=10_000,
         memory_checkpoints=3,
         prediction_customers=200_000,
+        soak_seconds=60,
+        soak_rate=(100, 200),
+        soak_sample_s=5,
         warmup_s=0.5,
     ),
     "full": Size(
@@ -123,6 +138,7 @@ SIZES = {
         connections=64,
         lifecycle_events=200_000,
         lifecycle_customers=20_000,
+        lifecycle_history_events=50_000,
         e2e_rate=1_000,
         e2e_seconds=60,
         e2e_ladder=(100, 250, 500, 750, 1_000, 1_500),
@@ -138,6 +154,9 @@ SIZES = {
         memory_events=1_000_000,
         memory_checkpoints=5,
         prediction_customers=1_000_000,
+        soak_seconds=600,
+        soak_rate=(100, 200),
+        soak_sample_s=10,
     ),
 }
 

@@ -27,6 +27,7 @@ from bench.paths import (
     memory,
     notifier,
     prediction,
+    soak,
     timers,
 )
 
@@ -40,6 +41,7 @@ RUNNERS: dict[str, PathRunner] = {
     "campaigns": campaigns.measure,
     "notifier": notifier.measure,
     "memory": memory.measure,
+    "soak": soak.measure,
     "prediction": prediction.measure,
 }
 
@@ -144,7 +146,7 @@ async def run_suite(args: argparse.Namespace) -> int:
     )
     print()
     print(report.table(run, changes))
-    for block in (celery.comparison(run), memory.growth(run)):
+    for block in (celery.comparison(run), memory.growth(run), soak.table(run)):
         if block:
             print()
             print(block)

@@ -27,9 +27,15 @@ HELD_P99_MS = 1000.0
 
 
 class Deployment:
-    def __init__(self, run: Run, stack: Stack) -> None:
+    """The processes a steady webhook stream runs through: `huitou up`, or the distributed
+    services named (ingest first, lifecycle last by default)."""
+
+    def __init__(
+        self, run: Run, stack: Stack, services: tuple[str, ...] = ("ingest", "lifecycle")
+    ) -> None:
         self.run = run
         self.stack = stack
+        self.services = services
         self.processes: list[infra.Huitou] = []
         self.ingest_url = ""
         self.lifecycle_url = ""
@@ -39,19 +45,26 @@ class Deployment:
         data = self.stack.dir("e2e")
         database = await self.stack.database()
         env = self.stack.env(data, database, self.stack.namespace())
-        names = ["platform"] if self.stack.embedded else ["ingest", "lifecycle"]
+        names = ["platform"] if self.stack.embedded else list(self.services)
         self.processes = [infra.Huitou(n, env, data) for n in names]
         for p in self.processes:
             p.spawn()
         for p in self.processes:
             await p.wait_ready()
         self.ingest_url = self.processes[0].url
-        self.lifecycle_url = self.processes[-1].url
+        self.lifecycle_url = self.url_of("lifecycle")
         async with httpx.AsyncClient(timeout=30) as client:
             self.key = await infra.create_shop(
                 client, self.ingest_url, SHOP, {"shopify": scenarios.SHOPIFY_SECRET}
             )
             await infra.wait_key_known(client, self.lifecycle_url, self.key)
+
+    def url_of(self, service: str) -> str:
+        """Where `service` answers: the platform process embedded, its own distributed."""
+        for p in self.processes:
+            if p.name in (service, "platform"):
+                return p.url
+        raise KeyError(service)
 
     def stop(self) -> None:
         for p in self.processes:

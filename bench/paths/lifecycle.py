@@ -14,6 +14,7 @@ of the same size with no logic at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -39,6 +40,8 @@ CONSUMED = "huitou_consumer_messages_total"
 BATCH_SECONDS = "huitou_consumer_batch_seconds_bucket"
 OUTBOX = "huitou_outbox_relayed_total"
 START_FRACTION = 0.1
+HISTORY_DEPTHS = (1, 10, 100)
+SCALE_MEMBERS = (1, 2, 4)
 
 
 @dataclass
@@ -175,15 +178,19 @@ async def batch_quantiles(client: httpx.AsyncClient, url: str) -> tuple[float | 
     )
 
 
-async def _drain(run: Run, process: infra.Huitou, total: int) -> dict[str, Any]:
-    """Watch the committed counter until the whole topic is applied; the rate between
-    START_FRACTION and 100 %."""
+async def _drain(run: Run, processes: list[infra.Huitou], total: int) -> dict[str, Any]:
+    """Watch the committed counters (summed over the group's members) until the whole
+    topic is applied; the rate between START_FRACTION and 100 %."""
+    process = processes[0]
     mark: tuple[float, float] | None = None
     last_change = time.monotonic()
     seen = -1.0
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
-            consumed = await infra.metric_sum(client, process.url, CONSUMED, group=GROUP)
+            counts = [
+                await infra.metric_sum(client, p.url, CONSUMED, group=GROUP) for p in processes
+            ]
+            consumed = sum(counts)
             now = time.perf_counter()
             if mark is None and consumed >= START_FRACTION * total:
                 mark = (now, consumed)
@@ -195,7 +202,9 @@ async def _drain(run: Run, process: infra.Huitou, total: int) -> dict[str, Any]:
                 raise TimeoutError(f"lifecycle stuck at {consumed:.0f}/{total} events")
             await asyncio.sleep(0.1)
         p50, p99 = await batch_quantiles(client, process.url)
-        relayed = await infra.metric_sum(client, process.url, OUTBOX, service=GROUP)
+        relayed = sum(
+            [await infra.metric_sum(client, p.url, OUTBOX, service=GROUP) for p in processes]
+        )
     assert mark is not None
     elapsed = now - mark[0]
     rate = (consumed - mark[1]) / elapsed if elapsed > 0 else float("nan")
@@ -203,8 +212,9 @@ async def _drain(run: Run, process: infra.Huitou, total: int) -> dict[str, Any]:
         "rate": rate,
         "batch_p50_ms": p50,
         "batch_p99_ms": p99,
-        "rss_mb": mb(process.rss()),
+        "rss_mb": max(mb(p.rss()) for p in processes),
         "outbox_relayed": relayed,
+        "per_member": counts,
     }
 
 
@@ -225,33 +235,96 @@ async def _table_counts(url: str, tables: list[str]) -> dict[str, int]:
     return counts
 
 
-async def _ours_once(run: Run, stack: Stack, stream: Stream, *, profile: bool) -> dict[str, Any]:
-    """Start lifecycle on an empty topic, then fill the topic far faster than it is
-    consumed (so the consumer always has a backlog, as from a pre-filled topic) and time
-    the consumption between START_FRACTION and the end."""
+async def _ours_once(
+    run: Run, stack: Stack, stream: Stream, *, profile: bool, members: int = 1
+) -> dict[str, Any]:
+    """Start lifecycle (`members` processes of its consumer group) on an empty topic, then
+    fill the topic far faster than it is consumed (so the consumer always has a backlog, as
+    from a pre-filled topic) and time the consumption between START_FRACTION and the end."""
     data = stack.dir("lifecycle")
     namespace = stack.namespace() if not stack.embedded else ""
     database = await stack.database()
     env = stack.env(data, database, namespace)
     settings = stack.bus_settings(data, namespace)
-    process = infra.Huitou("platform" if stack.embedded else "lifecycle", env, data)
-    process.spawn()
+    name = "platform" if stack.embedded else "lifecycle"
+    processes = [infra.Huitou(name, env, data) for _ in range(members)]
+    for process in processes:
+        process.spawn()
     try:
-        await process.wait_ready()
-        if profile:
-            async with run.profile(f"lifecycle-{stack.mode}", process.pid):
-                fill = await prefill(settings, stream.messages)
-                result = await _drain(run, process, len(stream.messages))
-        else:
+        for process in processes:
+            await process.wait_ready()
+        async with contextlib.AsyncExitStack() as profiling:
+            if profile:
+                await profiling.enter_async_context(
+                    run.profile(f"lifecycle-{stack.mode}", processes[0].pid)
+                )
             fill = await prefill(settings, stream.messages)
-            result = await _drain(run, process, len(stream.messages))
+            result = await _drain(run, processes, len(stream.messages))
         result["fill_rate"] = fill
     finally:
-        process.stop()
+        for process in processes:
+            process.stop()
     url = database or Settings(data_dir=data).database_url_for("lifecycle")
     result["rows"] = await _table_counts(url, lifecycle_raw.COUNTED_TABLES)
     result["rows"]["outbox"] = int(result["outbox_relayed"]) + result["rows"].get("outbox", 0)
     return result
+
+
+async def _history(run: Run, stack: Stack) -> None:
+    """Events/s as order history grows: the same number of events over customers with 1,
+    10 and 100 orders each (one run each; the rate should not fall with history)."""
+    events = min(run.size.lifecycle_events, run.size.lifecycle_history_events)
+    for orders in HISTORY_DEPTHS:
+        customers = max(1, events // (2 * orders))
+        stream = await asyncio.to_thread(order_events, events, customers)
+        result = await _ours_once(run, stack, stream, profile=False)
+        if math.isnan(result["rate"]):
+            run.note(f"lifecycle history {orders} [{stack.mode}]: drained between two polls")
+            continue
+        run.add(
+            Measurement(
+                path=f"lifecycle.history_{orders}",
+                mode=stack.mode,
+                unit="ev/s",
+                ours=Stat([result["rate"]]),
+                p50_ms=result["batch_p50_ms"],
+                p99_ms=result["batch_p99_ms"],
+                rss_mb=result["rss_mb"],
+                note=(
+                    f"{events:,} events over {customers:,} customers, {orders} "
+                    f"order{'s' if orders > 1 else ''} each (created + paid/cancelled); "
+                    "p50/p99 per consumed batch"
+                ),
+            )
+        )
+
+
+async def _members(run: Run, stack: Stack, stream: Stream) -> None:
+    """Distributed: 1, 2 and 4 lifecycle processes in one consumer group on the same
+    topic of `topic_partitions` partitions (one run each)."""
+    partitions = Settings().topic_partitions
+    for members in SCALE_MEMBERS:
+        result = await _ours_once(run, stack, stream, profile=False, members=members)
+        if math.isnan(result["rate"]):
+            run.note(f"lifecycle with {members} members: drained between two polls")
+            continue
+        run.add(
+            Measurement(
+                path=f"lifecycle.members_{members}",
+                mode=stack.mode,
+                unit="ev/s",
+                ours=Stat([result["rate"]]),
+                p50_ms=result["batch_p50_ms"],
+                p99_ms=result["batch_p99_ms"],
+                rss_mb=result["rss_mb"],
+                note=(
+                    f"{members} process{'es' if members > 1 else ''} of the group on "
+                    f"{partitions} partitions; events per member "
+                    f"{[round(c) for c in result['per_member']]}"
+                ),
+                extra={"per_member": result["per_member"], "partitions": partitions},
+            )
+        )
 
 
 async def measure(run: Run, stack: Stack) -> None:
@@ -303,3 +376,6 @@ async def measure(run: Run, stack: Stack) -> None:
             ),
         )
     )
+    await _history(run, stack)
+    if not stack.embedded:
+        await _members(run, stack, stream)

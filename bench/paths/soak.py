@@ -1,0 +1,153 @@
+"""Soak: resident memory of every service process under a steady stream, for minutes.
+
+The whole chain runs: `huitou up` (embedded) or the four `huitou serve` processes
+(distributed). The shop has the `unpaid_reminder` journey active with a delay of a fifth of
+the run, and Shopify `orders/create` webhooks for new customers' open orders arrive at
+`soak_rate` per second for `soak_seconds` (`bench/e2e_load.py`, open loop, its probes
+following customers to their stage). So ingest takes the webhooks, lifecycle applies them,
+campaigns enrolls every order and, from a fifth of the way in, fires its reminders, and the
+notifier sends each through the default `outbox` provider; the waiting reminders pile up to
+`soak_rate` × delay meanwhile.
+
+Every `soak_sample_s` the bench reads each process's RSS. Reported per process: the peak,
+and the slope in MB per minute fitted by least squares over the samples after the first
+fifth of the run (start-up, first connections and caches filling belong to the warm-up; a
+leak shows as a slope that stays positive however long the run). `python -m bench full
+--paths soak` runs the ten-minute soak alone (`make bench-soak`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from bench import infra
+from bench.core import Measurement, Run, Stack
+from bench.paths.e2e import Deployment
+from bench.stats import Stat
+
+SERVICES = ("ingest", "lifecycle", "campaigns", "notifier")
+
+
+def slope_per_minute(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) samples, in MB per minute (0 for fewer than 2)."""
+    if len(samples) < 2:
+        return 0.0
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_v = sum(v for _, v in samples) / n
+    spread = sum((t - mean_t) ** 2 for t, _ in samples)
+    if not spread:
+        return 0.0
+    return 60 * sum((t - mean_t) * (v - mean_v) for t, v in samples) / spread
+
+
+async def _activate_reminder(deployment: Deployment, delay_s: int) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(
+            f"{deployment.url_of('campaigns')}/v1/playbooks/unpaid_reminder",
+            json={"params": {"delay": f"PT{delay_s}S"}, "activate": True},
+            headers={"Authorization": f"Bearer {deployment.key}"},
+        )
+        if r.status_code != 201:
+            raise RuntimeError(f"the unpaid reminder was refused: {r.status_code} {r.text}")
+
+
+async def _sample(
+    deployment: Deployment, every: float, into: list[tuple[float, dict[str, float]]]
+) -> None:
+    started = time.monotonic()
+    while True:
+        into.append((time.monotonic() - started, deployment.rss_mb()))
+        await asyncio.sleep(every)
+
+
+async def _count(deployment: Deployment, service: str, metric: str, **labels: str) -> float:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await infra.metric_sum(client, deployment.url_of(service), metric, **labels)
+
+
+async def measure(run: Run, stack: Stack) -> None:
+    size = run.size
+    seconds = size.soak_seconds
+    rate = size.soak_rate[0 if stack.embedded else 1]
+    delay = max(1, round(seconds / 5))
+    deployment = Deployment(run, stack, SERVICES)
+    await deployment.start()
+    samples: list[tuple[float, dict[str, float]]] = []
+    try:
+        await _activate_reminder(deployment, delay)
+        sampler = asyncio.create_task(_sample(deployment, size.soak_sample_s, samples))
+        try:
+            result = await deployment.load(rate, seconds)
+        finally:
+            sampler.cancel()
+        fired = await _count(deployment, "campaigns", "huitou_timers_fired_total")
+        sent = await _count(deployment, "notifier", "huitou_notifier_messages_total", status="sent")
+    finally:
+        deployment.stop()
+
+    run.details.setdefault("soak", {})[stack.mode] = {
+        "rate": rate,
+        "seconds": seconds,
+        "samples": samples,
+        "load": result,
+    }
+    run.add(
+        Measurement(
+            path="soak.load",
+            mode=stack.mode,
+            unit="ev/s",
+            ours=Stat([result["achieved_rate"]]),
+            p50_ms=result["e2e_p50_ms"],
+            p99_ms=result["e2e_p99_ms"],
+            note=(
+                f"{rate}/s of Shopify webhooks for {seconds:.0f} s with the unpaid reminder "
+                f"due after {delay} s; {fired:,.0f} timers fired, {sent:,.0f} messages "
+                f"sent; errors {result['errors'] or 'none'}, "
+                f"lost probes {result['probe_timeouts']}"
+            ),
+            extra={"target_rate": rate, "fired": fired, "notifier_messages": sent},
+        )
+    )
+    warm = seconds / 5
+    for name in samples[0][1] if samples else []:
+        series = [(t, rss[name]) for t, rss in samples if name in rss]
+        steady = [(t, v) for t, v in series if t >= warm] or series
+        peak = max(v for _, v in series)
+        slope = slope_per_minute(steady)
+        run.add(
+            Measurement(
+                path=f"soak.{name}",
+                mode=stack.mode,
+                unit="MB",
+                ours=Stat([peak]),
+                rss_mb=peak,
+                note=(
+                    f"peak {peak:.0f} MB; {slope:+.2f} MB/min after the first {warm:.0f} s "
+                    f"({steady[0][1]:.0f} → {steady[-1][1]:.0f} MB, {len(series)} samples)"
+                ),
+                extra={"slope_mb_per_min": slope, "series": [round(v, 1) for _, v in series]},
+                higher_is_better=False,
+            )
+        )
+
+
+def table(run: Run) -> str:
+    """RSS at each sample, per mode and process, for the printed report (empty if not run)."""
+    soak: dict[str, Any] = run.details.get("soak") or {}
+    lines = []
+    for mode, detail in soak.items():
+        lines.append(
+            f"soak {mode}: {detail['rate']}/s for {detail['seconds']:.0f} s, RSS in MB every "
+            f"{detail['samples'][1][0] - detail['samples'][0][0]:.0f} s"
+            if len(detail["samples"]) > 1
+            else f"soak {mode}: too short for two samples"
+        )
+        for name in detail["samples"][0][1] if detail["samples"] else []:
+            values = " ".join(f"{rss[name]:.0f}" for _, rss in detail["samples"])
+            lines.append(f"  {name:<10} {values}")
+    return "\n".join(lines)
