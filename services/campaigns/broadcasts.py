@@ -167,6 +167,7 @@ async def _page(run: Run, timer: Timer, definition: Definition) -> None:
             )
         ).scalar()
         variables["promotion"] = {"name": name}
+    await run.read_recent_sends((shop, row["customer_id"]) for row in rows)
     for row in rows:
         run.snap.customers[(shop, row["customer_id"])] = row
         facts = projection.state_facts(row, None, run.now)

@@ -70,6 +70,10 @@ async def apply_events(
         await projection.park(conn, waiting, run.now)
         await _load_affected(run, [e for e, _ in ready], [w for _, w in ready])
         await _read_entries(run, ready)
+        await run.read_recent_sends(
+            {(e.shop_id, who.customer_id) for e, who in ready if who.customer_id is not None}
+            | {(en.shop_id, en.customer_id) for en in run.live.values()}
+        )
     for event, who in ready:
         await _on_event(run, event, who)
     await projection.save(conn, run.snap)

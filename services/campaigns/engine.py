@@ -373,6 +373,10 @@ class Run:
         self.requested_topic = topic_for("notification.requested", namespace)
         self.known_entries: dict[tuple[str, str, str], datetime | None] = {}
         """Re-entry ledger rows read ahead for a batch (None: no entry yet)."""
+        self.recent_sends: dict[tuple[str, str], list[tuple[datetime, str, str]]] = {}
+        """Sends read ahead for the caps, per customer: (requested_at, journey, category)."""
+        self._recent_since: datetime | None = None
+        self._sends_by_customer: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._by_customer: dict[tuple[str, str], list[Enrollment]] = {}
         self._by_order: dict[tuple[str, str], list[Enrollment]] = {}
 
@@ -652,7 +656,7 @@ class Run:
             )
         )
         self.send_rows.append(
-            {
+            row := {
                 "shop_id": enrollment.shop_id,
                 "idempotency_key": key,
                 "journey_id": enrollment.journey_id,
@@ -665,6 +669,9 @@ class Run:
                 "status": "requested",
                 "reason": None,
             }
+        )
+        self._sends_by_customer.setdefault((enrollment.shop_id, enrollment.customer_id), []).append(
+            row
         )
         enrollment.messaged = True
         self.count(enrollment, "msg:requested")
@@ -702,33 +709,62 @@ class Run:
             Message(topic_for(event.type, self.namespace), event.key, event.to_bytes())
         )
 
+    async def read_recent_sends(
+        self, customers: Iterable[tuple[str, str]], since: datetime | None = None
+    ) -> None:
+        """Read ahead the sends that a cap may count for these customers, in one query per
+        shop and 500 customers (a capped walk would otherwise ask once per message and
+        cap): those after `since`, by default as far back as the longest cap of the loaded
+        journeys reaches (nothing when none has a cap)."""
+        if since is None:
+            longest = max(
+                (
+                    cap.period
+                    for journey in self.journeys.values()
+                    for definition, _ in journey.versions.values()
+                    for cap in definition.caps
+                ),
+                default=None,
+            )
+            if longest is None:
+                return
+            since = self.now - longest
+        if self._recent_since is None or since < self._recent_since:
+            self._recent_since = since
+            self.recent_sends.clear()  # what was read reaches back less far: read again
+        wanted = set(customers) - set(self.recent_sends)
+        for key in wanted:
+            self.recent_sends[key] = []
+        s = sends.c
+        for where in by_shop(sends, "customer_id", wanted):
+            rows = await self.conn.execute(
+                select(s.shop_id, s.customer_id, s.requested_at, s.journey_id, s.category).where(
+                    where, s.requested_at > self._recent_since
+                )
+            )
+            for shop, customer, at, journey_id, category in rows:
+                self.recent_sends[(shop, customer)].append((at, journey_id, category))
+
     async def cap_allows_at(
         self, enrollment: Enrollment, definition: Definition, cap: Cap
     ) -> datetime | None:
         """None if the cap lets a message go now; else when the oldest counted message
         leaves the rolling period."""
         since = self.now - cap.period
-        s = sends.c
-        query = select(s.requested_at).where(
-            s.shop_id == enrollment.shop_id,
-            s.customer_id == enrollment.customer_id,
-            s.requested_at > since,
-        )
-        if cap.scope == "journey":
-            query = query.where(s.journey_id == enrollment.journey_id)
-        else:
-            query = query.where(s.category == definition.category)
-        times = list((await self.conn.execute(query)).scalars())
+        who = (enrollment.shop_id, enrollment.customer_id)
+        if who not in self.recent_sends or self._recent_since is None or since < self._recent_since:
+            await self.read_recent_sends([who], since)
+
+        def counted(journey_id: str, category: str) -> bool:
+            if cap.scope == "journey":
+                return journey_id == enrollment.journey_id
+            return category == definition.category
+
+        times = [at for at, j, c in self.recent_sends[who] if at > since and counted(j, c)]
         times += [
             row["requested_at"]
-            for row in self.send_rows
-            if row["shop_id"] == enrollment.shop_id
-            and row["customer_id"] == enrollment.customer_id
-            and (
-                row["journey_id"] == enrollment.journey_id
-                if cap.scope == "journey"
-                else row["category"] == definition.category
-            )
+            for row in self._sends_by_customer.get(who, ())
+            if counted(row["journey_id"], row["category"])
         ]
         if len(times) < cap.max:
             return None

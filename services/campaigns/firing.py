@@ -104,6 +104,7 @@ async def fire_timers(
         run.journeys = await load_journeys(conn, {en.shop_id for en in loaded})
         keys = [(en.shop_id, en.customer_id, en.order_id) for en in loaded]
         run.snap = await projection.load_state(conn, keys)
+        await run.read_recent_sends({(en.shop_id, en.customer_id) for en in loaded})
     for enrollment in loaded:
         timer = by_key[enrollment.key]
         run.add(enrollment)

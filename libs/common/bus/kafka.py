@@ -189,6 +189,7 @@ class KafkaSource(Source):
             auto_offset_reset="earliest",
             max_poll_records=bus.settings.consumer_batch_size,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=bus.settings.consumer_fetch_max_wait_ms,
             session_timeout_ms=bus.settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=bus.settings.consumer_session_timeout_ms // 3,
         )
