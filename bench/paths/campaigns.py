@@ -7,7 +7,8 @@ what the engine itself costs.
    writing the same rows (processed ids, enrollments, timers) with the same batching and
    no logic.
 2. fire: `timers_pending` enrollments waiting a day out, then `timers_backlog` reminders
-   made due; one `TimerWorker` with the service's handler and lanes fires them, each
+   made due; the `TimerWorker`s of a campaigns process (`HUITOU_TIMER_WORKERS` on
+   PostgreSQL, one on SQLite) with the service's handler and lanes fire them, each
    requesting its message (send row, `notification.requested` in the outbox, the
    enrollment moved on, counters) in the fire's transaction; against the raw
    claim-and-delete loop on the same table. Checked: one send row per reminder.
@@ -36,6 +37,7 @@ from libs.common.db.migrations import migrate
 from libs.common.db.tables import processed_events, shops, timers
 from libs.common.events import OrderData, new_event
 from libs.common.inbox import claim_new
+from libs.common.settings import Settings
 from libs.common.timers import TimerWorker, timer_key
 from services.campaigns import migrations
 from services.campaigns.consuming import apply_events
@@ -279,15 +281,19 @@ async def _fire(run: Run, db: Database, mode: str, journey: str) -> None:
     for repeat in range(run.size.repeats):
         prefix = f"due{repeat}"
         await _waiting(db, prefix, backlog, datetime.now(UTC) - timedelta(seconds=1))
-        worker = _worker(db, lanes=True)
+        # As many workers as a campaigns process runs (`HUITOU_TIMER_WORKERS` on
+        # PostgreSQL, one on SQLite).
+        workers = [_worker(db, lanes=True) for _ in range(_workers(db))]
         before = _fired()
         started = time.perf_counter()
-        await worker.start()
+        for worker in workers:
+            await worker.start()
         while _fired() - before < backlog:
             if time.perf_counter() - started > backlog / 100 + 120:
                 raise TimeoutError("reminders did not all fire")
             await _pause()
-        await worker.stop()  # the round in hand commits first
+        for worker in workers:
+            await worker.stop()  # the round in hand commits first
         ours.add(backlog / (time.perf_counter() - started))
         checked.append(await _sent(db, prefix))
         raw.add(await _raw_fire(db, f"raw{repeat}", backlog))
@@ -300,11 +306,16 @@ async def _fire(run: Run, db: Database, mode: str, journey: str) -> None:
             raw=raw,
             raw_label="claim-and-delete loop, same table",
             note=(
-                f"reminders fired with the send requested, {pending:,} pending; "
+                f"reminders fired with the send requested by {_workers(db)} "
+                f"worker{'s' if _workers(db) > 1 else ''}, {pending:,} pending; "
                 f"send rows per run: {checked} of {backlog:,} each"
             ),
         )
     )
+
+
+def _workers(db: Database) -> int:
+    return Settings().timer_workers if db.is_postgres else 1
 
 
 def _fired() -> float:

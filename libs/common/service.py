@@ -135,7 +135,7 @@ class _Running:
     ctx: ServiceContext
     parts: ServiceParts
     consumers: list[Consumer] = field(default_factory=list)
-    timers: TimerWorker | None = None
+    timers: list[TimerWorker] = field(default_factory=list)
 
 
 class Runtime:
@@ -186,8 +186,9 @@ class Runtime:
         for running in self.services:
             for consumer in running.consumers:
                 checks[f"consumer:{consumer.group}"] = consumer.health() or "ok"
-            if running.timers is not None:
-                checks[f"timers:{running.ctx.name}"] = running.timers.health(stuck_after) or "ok"
+            if running.timers:
+                problems = [w.health(stuck_after) for w in running.timers]
+                checks[f"timers:{running.ctx.name}"] = next(filter(None, problems), "ok")
         return checks
 
     async def migrate(self) -> None:
@@ -221,8 +222,13 @@ class Runtime:
                 **running.parts.timer_handlers,
                 **{job.kind: job.handler for job in running.parts.recurring},
             }
-            if handlers:
-                running.timers = TimerWorker(
+            if not handlers:
+                continue
+            # Several workers on PostgreSQL (their claims skip each other's rows); SQLite
+            # has one writer, a second worker would only wait for it.
+            workers = self.settings.timer_workers if running.ctx.db.is_postgres else 1
+            running.timers = [
+                TimerWorker(
                     running.ctx.db,
                     running.ctx.name,
                     handlers,
@@ -231,7 +237,10 @@ class Runtime:
                     max_attempts=self.settings.timer_max_attempts,
                     lanes=running.parts.timer_lanes,
                 )
-                await running.timers.start()
+                for _ in range(workers)
+            ]
+            for worker in running.timers:
+                await worker.start()
         log.info("services started", extra={"services": [s.name for s in self.specs]})
 
     async def stop(self) -> None:
@@ -241,7 +250,7 @@ class Runtime:
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(
             *(c.stop(grace) for running in self.services for c in running.consumers),
-            *(r.timers.stop(grace) for r in self.services if r.timers is not None),
+            *(w.stop(grace) for r in self.services for w in r.timers),
         )
         for running in self.services:
             running.consumers.clear()

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     timer_batch_size: int = Field(default=500, ge=1)
     timer_poll_interval_s: float = Field(default=0.5, gt=0)
     timer_max_attempts: int = Field(default=10, ge=1)
+    timer_workers: int = Field(default=2, ge=1, le=16)
+    """Timer workers per service process on PostgreSQL. Their claims skip each other's
+    locked rows, so one worker's Python runs while another's statements do (campaigns'
+    reminder fires: 4,521/s with one, 6,269/s with two, 6,839/s with three on 2 cores).
+    SQLite has a single writer: one worker there, whatever this says."""
 
     inbox_retention_days: float = Field(default=14, gt=0)
     """How long processed event ids are kept for deduplication."""
