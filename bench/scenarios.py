@@ -175,7 +175,8 @@ def batch(shop_id: str, key: str, size: int = BATCH) -> Scenario:
 
 def shopify_payload(*, fresh: bool = False) -> dict[str, Any]:
     """Shopify's sample `orders/create` body; `fresh` makes it an open order placed now
-    (the end-to-end path expects the customer to become `interested`)."""
+    (the end-to-end path expects the customer to become `interested`) by a customer with
+    a mobile number (the sample has none), whom a reminder can reach."""
     payload: dict[str, Any] = orjson.loads(SHOPIFY_SAMPLE.read_bytes())
     payload["currency"] = "CNY"  # the bench's shops sell in CNY (one shop, one currency)
     if fresh:
@@ -188,6 +189,7 @@ def shopify_payload(*, fresh: bool = False) -> dict[str, Any]:
             cancel_reason=None,
             financial_status="pending",
         )
+        payload["customer"] = {**payload["customer"], "phone": "+8613800138000"}
     return payload
 
 

@@ -47,6 +47,10 @@ class Deployment:
         env = self.stack.env(data, database, self.stack.namespace())
         names = ["platform"] if self.stack.embedded else list(self.services)
         self.processes = [infra.Huitou(n, env, data) for n in names]
+        for p in self.processes:  # where each service finds the others it calls
+            for other in self.processes:
+                if other.name in ("lifecycle", "notifier", "campaigns"):
+                    p.env[f"HUITOU_{other.name.upper()}_URL"] = other.url
         for p in self.processes:
             p.spawn()
         for p in self.processes:

@@ -65,9 +65,20 @@ async def _sample(
         await asyncio.sleep(every)
 
 
-async def _count(deployment: Deployment, service: str, metric: str, **labels: str) -> float:
+async def _count(deployment: Deployment, service: str, metric: str) -> float:
     async with httpx.AsyncClient(timeout=30) as client:
-        return await infra.metric_sum(client, deployment.url_of(service), metric, **labels)
+        return await infra.metric_sum(client, deployment.url_of(service), metric)
+
+
+async def _statuses(deployment: Deployment) -> dict[str, float]:
+    """The notifier's message status changes by status (sent, deferred, failed, …)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.get(f"{deployment.url_of('notifier')}/metrics")
+    found: dict[str, float] = {}
+    for name, labels, value in infra.parse_metrics(r.text):
+        if name == "huitou_notifier_messages_total":
+            found[labels["status"]] = found.get(labels["status"], 0) + value
+    return found
 
 
 async def measure(run: Run, stack: Stack) -> None:
@@ -86,7 +97,7 @@ async def measure(run: Run, stack: Stack) -> None:
         finally:
             sampler.cancel()
         fired = await _count(deployment, "campaigns", "huitou_timers_fired_total")
-        sent = await _count(deployment, "notifier", "huitou_notifier_messages_total", status="sent")
+        statuses = await _statuses(deployment)
     finally:
         deployment.stop()
 
@@ -106,11 +117,12 @@ async def measure(run: Run, stack: Stack) -> None:
             p99_ms=result["e2e_p99_ms"],
             note=(
                 f"{rate}/s of Shopify webhooks for {seconds:.0f} s with the unpaid reminder "
-                f"due after {delay} s; {fired:,.0f} timers fired, {sent:,.0f} messages "
-                f"sent; errors {result['errors'] or 'none'}, "
+                f"due after {delay} s; {fired:,.0f} timers fired; messages by status "
+                f"{ {k: round(v) for k, v in sorted(statuses.items())} }; "
+                f"errors {result['errors'] or 'none'}, "
                 f"lost probes {result['probe_timeouts']}"
             ),
-            extra={"target_rate": rate, "fired": fired, "notifier_messages": sent},
+            extra={"target_rate": rate, "fired": fired, "notifier_statuses": statuses},
         )
     )
     warm = seconds / 5

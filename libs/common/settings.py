@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     port: int = 8000
 
     topic_namespace: str = ""
-    """Prefix for every topic name, so several environments can share one Kafka cluster."""
+    """Prefix of every topic name and Kafka consumer group id, so several environments can
+    share one Kafka cluster without sharing (and rebalancing) each other's groups."""
     topic_partitions: int = Field(default=12, ge=1)
     topic_replication_factor: int = Field(default=3, ge=1)
     """Replicas of each Kafka topic Huitou creates (production: 3; one broker: 1)."""

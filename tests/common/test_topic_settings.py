@@ -66,3 +66,49 @@ async def test_topics_are_created_with_the_settings(
         await bus.stop()
     for name in (topic, f"{topic}.dlt"):
         assert await describe(broker, name) == ({replication}, str(insync))
+
+
+async def test_consumer_groups_carry_the_namespace(broker: Broker, tmp_path: Path) -> None:
+    """Two environments on one cluster (namespaces A and B), each with a `lifecycle` group:
+    each commits under its own group id, so neither joins nor rebalances the other's."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from libs.common.bus import Message, Received
+    from tests.conftest import eventually
+
+    committed: dict[str, int | None] = {}
+    for env in ("a", "b"):
+        settings = make_settings("distributed", tmp_path / env, bus=broker.url)
+        topic = f"{settings.topic_namespace}orders"
+        bus = create_bus(settings)
+        await bus.start()
+        seen: list[Received] = []
+
+        async def collect(batch: list[Received], seen: list[Received] = seen) -> None:
+            seen.extend(batch)
+
+        consumer = bus.consumer("lifecycle", [topic], collect)
+        try:
+            await bus.ensure_topics([topic])
+            await bus.publish([Message(topic, "k", b"{}")])
+            await consumer.start()
+
+            async def consumed(seen: list[Received] = seen) -> bool:
+                return bool(seen)
+
+            await eventually(consumed)
+        finally:
+            await consumer.stop()
+            await bus.stop()
+        assert len(seen) == 1
+        partition = TopicPartition(topic, seen[0].partition)
+        for group in (f"{settings.topic_namespace}lifecycle", "lifecycle"):
+            reader = AIOKafkaConsumer(
+                bootstrap_servers=broker.url.split("://", 1)[1], group_id=group
+            )
+            await reader.start()
+            try:
+                committed[f"{env}:{group == 'lifecycle'}"] = await reader.committed(partition)
+            finally:
+                await reader.stop()
+    assert committed == {"a:False": 1, "a:True": None, "b:False": 1, "b:True": None}

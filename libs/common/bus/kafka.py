@@ -184,7 +184,9 @@ class KafkaSource(Source):
         self.consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bus.bootstrap,
-            group_id=group,
+            # Groups carry the topic namespace, as topics do: environments sharing a
+            # cluster must not join (and rebalance) each other's groups.
+            group_id=bus.settings.topic_namespace + group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=bus.settings.consumer_batch_size,
