@@ -53,8 +53,12 @@ class Deployment:
                     p.env[f"HUITOU_{other.name.upper()}_URL"] = other.url
         for p in self.processes:
             p.spawn()
-        for p in self.processes:
-            await p.wait_ready()
+        try:
+            for p in self.processes:
+                await p.wait_ready()
+        except BaseException:
+            self.stop()  # none is left running when the deployment never came up
+            raise
         self.ingest_url = self.processes[0].url
         self.lifecycle_url = self.url_of("lifecycle")
         async with httpx.AsyncClient(timeout=30) as client:
