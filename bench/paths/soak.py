@@ -5,15 +5,17 @@ The whole chain runs: `huitou up` (embedded) or the four `huitou serve` processe
 the run, and Shopify `orders/create` webhooks for new customers' open orders arrive at
 `soak_rate` per second for `soak_seconds` (`bench/e2e_load.py`, open loop, its probes
 following customers to their stage). So ingest takes the webhooks, lifecycle applies them,
-campaigns enrolls every order and, from a fifth of the way in, fires its reminders, and the
-notifier sends each through the default `outbox` provider; the waiting reminders pile up to
-`soak_rate` × delay meanwhile.
+campaigns enrolls every order and fires its reminder, and the notifier sends each through
+the default `outbox` provider. The load generator builds its bodies once, so every order
+says it was placed when the load began: the reminders wait until a fifth of the run has
+passed (`soak_rate` × delay of them by then), fire together, and from then on each new
+order's reminder is due on arrival — a steady stream of sends for the rest of the run.
 
 Every `soak_sample_s` the bench reads each process's RSS. Reported per process: the peak,
-and the slope in MB per minute fitted by least squares over the samples after the first
-fifth of the run (start-up, first connections and caches filling belong to the warm-up; a
-leak shows as a slope that stays positive however long the run). `python -m bench full
---paths soak` runs the ten-minute soak alone (`make bench-soak`).
+and the slope in MB per minute fitted by least squares over the second half of the run
+(start-up, connections, caches and the first wave of sends belong to the warm-up; a leak
+shows as a slope that stays positive however long the run). `python -m bench full --paths
+soak` runs the ten-minute soak alone (`make bench-soak`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ async def measure(run: Run, stack: Stack) -> None:
             extra={"target_rate": rate, "fired": fired, "notifier_statuses": statuses},
         )
     )
-    warm = seconds / 5
+    warm = seconds / 2
     for name in samples[0][1] if samples else []:
         series = [(t, rss[name]) for t, rss in samples if name in rss]
         steady = [(t, v) for t, v in series if t >= warm] or series
