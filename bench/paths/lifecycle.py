@@ -253,6 +253,8 @@ async def _ours_once(
     try:
         for process in processes:
             await process.wait_ready()
+        if members > 1:
+            await _assigned(processes, topic_name("orders", namespace))
         async with contextlib.AsyncExitStack() as profiling:
             if profile:
                 await profiling.enter_async_context(
@@ -268,6 +270,34 @@ async def _ours_once(
     result["rows"] = await _table_counts(url, lifecycle_raw.COUNTED_TABLES)
     result["rows"]["outbox"] = int(result["outbox_relayed"]) + result["rows"].get("outbox", 0)
     return result
+
+
+async def _assigned(processes: list[infra.Huitou], topic: str, within: float = 120) -> None:
+    """Until the group's rebalances are over: every member holds partitions of `topic`
+    and together they hold each of them once (from their lag series, which a member
+    reports for exactly the partitions it has). Measured before that, the joins of the
+    later members stopped the consumption for seconds at a time."""
+    partitions = Settings().topic_partitions
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            held = []
+            for process in processes:
+                r = await client.get(f"{process.url}/metrics")
+                held.append(
+                    {
+                        labels.get("partition")
+                        for name, labels, _ in infra.parse_metrics(r.text)
+                        if name == "huitou_consumer_lag"
+                        and labels.get("group") == GROUP
+                        and labels.get("topic") == topic
+                    }
+                )
+            union = set().union(*held)
+            if all(held) and len(union) == partitions == sum(len(h) for h in held):
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the {len(processes)} members never settled on {topic}")
 
 
 async def _history(run: Run, stack: Stack) -> None:
