@@ -319,6 +319,19 @@ async def metric_sum(client: httpx.AsyncClient, base_url: str, name: str, **labe
     )
 
 
+async def metric_by(
+    client: httpx.AsyncClient, base_url: str, name: str, label: str
+) -> dict[str, float]:
+    """A metric's samples summed per value of `label`."""
+    r = await client.get(f"{base_url}/metrics")
+    r.raise_for_status()
+    found: dict[str, float] = {}
+    for sample, labels, value in parse_metrics(r.text):
+        if sample == name and label in labels:
+            found[labels[label]] = found.get(labels[label], 0.0) + value
+    return found
+
+
 async def create_shop(
     client: httpx.AsyncClient, ingest_url: str, shop_id: str, secrets: Mapping[str, str]
 ) -> str:

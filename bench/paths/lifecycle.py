@@ -300,6 +300,28 @@ async def _assigned(processes: list[infra.Huitou], topic: str, within: float = 1
     raise TimeoutError(f"the {len(processes)} members never settled on {topic}")
 
 
+def _add_run(
+    run: Run, stack: Stack, path: str, result: dict[str, Any], note: str, **extra: Any
+) -> None:
+    """The row of one measured run of `_ours_once` (no raw limit beside it)."""
+    if math.isnan(result["rate"]):
+        run.note(f"{path} [{stack.mode}]: the topic drained between two polls; no rate")
+        return
+    run.add(
+        Measurement(
+            path=path,
+            mode=stack.mode,
+            unit="ev/s",
+            ours=Stat([result["rate"]]),
+            p50_ms=result["batch_p50_ms"],
+            p99_ms=result["batch_p99_ms"],
+            rss_mb=result["rss_mb"],
+            note=note,
+            extra=extra,
+        )
+    )
+
+
 async def _history(run: Run, stack: Stack) -> None:
     """Events/s as order history grows: the same number of events over customers with 1,
     10 and 100 orders each (one run each; the rate should not fall with history)."""
@@ -308,24 +330,14 @@ async def _history(run: Run, stack: Stack) -> None:
         customers = max(1, events // (2 * orders))
         stream = await asyncio.to_thread(order_events, events, customers)
         result = await _ours_once(run, stack, stream, profile=False)
-        if math.isnan(result["rate"]):
-            run.note(f"lifecycle history {orders} [{stack.mode}]: drained between two polls")
-            continue
-        run.add(
-            Measurement(
-                path=f"lifecycle.history_{orders}",
-                mode=stack.mode,
-                unit="ev/s",
-                ours=Stat([result["rate"]]),
-                p50_ms=result["batch_p50_ms"],
-                p99_ms=result["batch_p99_ms"],
-                rss_mb=result["rss_mb"],
-                note=(
-                    f"{events:,} events over {customers:,} customers, {orders} "
-                    f"order{'s' if orders > 1 else ''} each (created + paid/cancelled); "
-                    "p50/p99 per consumed batch"
-                ),
-            )
+        _add_run(
+            run,
+            stack,
+            f"lifecycle.history_{orders}",
+            result,
+            f"{events:,} events over {customers:,} customers, {orders} "
+            f"order{'s' if orders > 1 else ''} each (created + paid/cancelled); "
+            "p50/p99 per consumed batch",
         )
 
 
@@ -335,25 +347,16 @@ async def _members(run: Run, stack: Stack, stream: Stream) -> None:
     partitions = Settings().topic_partitions
     for members in SCALE_MEMBERS:
         result = await _ours_once(run, stack, stream, profile=False, members=members)
-        if math.isnan(result["rate"]):
-            run.note(f"lifecycle with {members} members: drained between two polls")
-            continue
-        run.add(
-            Measurement(
-                path=f"lifecycle.members_{members}",
-                mode=stack.mode,
-                unit="ev/s",
-                ours=Stat([result["rate"]]),
-                p50_ms=result["batch_p50_ms"],
-                p99_ms=result["batch_p99_ms"],
-                rss_mb=result["rss_mb"],
-                note=(
-                    f"{members} process{'es' if members > 1 else ''} of the group on "
-                    f"{partitions} partitions; events per member "
-                    f"{[round(c) for c in result['per_member']]}"
-                ),
-                extra={"per_member": result["per_member"], "partitions": partitions},
-            )
+        _add_run(
+            run,
+            stack,
+            f"lifecycle.members_{members}",
+            result,
+            f"{members} process{'es' if members > 1 else ''} of the group on "
+            f"{partitions} partitions; events per member "
+            f"{[round(c) for c in result['per_member']]}",
+            per_member=result["per_member"],
+            partitions=partitions,
         )
 
 

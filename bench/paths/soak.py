@@ -21,6 +21,7 @@ soak` runs the ten-minute soak alone (`make bench-soak`).
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from typing import Any
 
@@ -38,13 +39,7 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, MB) samples, in MB per minute (0 for fewer than 2)."""
     if len(samples) < 2:
         return 0.0
-    n = len(samples)
-    mean_t = sum(t for t, _ in samples) / n
-    mean_v = sum(v for _, v in samples) / n
-    spread = sum((t - mean_t) ** 2 for t, _ in samples)
-    if not spread:
-        return 0.0
-    return 60 * sum((t - mean_t) * (v - mean_v) for t, v in samples) / spread
+    return 60 * statistics.linear_regression([t for t, _ in samples], [v for _, v in samples]).slope
 
 
 async def _activate_reminder(deployment: Deployment, delay_s: int) -> None:
@@ -67,20 +62,16 @@ async def _sample(
         await asyncio.sleep(every)
 
 
-async def _count(deployment: Deployment, service: str, metric: str) -> float:
+async def _counts(deployment: Deployment) -> tuple[float, dict[str, float]]:
+    """Timers campaigns fired, and the notifier's message status changes by status."""
     async with httpx.AsyncClient(timeout=30) as client:
-        return await infra.metric_sum(client, deployment.url_of(service), metric)
-
-
-async def _statuses(deployment: Deployment) -> dict[str, float]:
-    """The notifier's message status changes by status (sent, deferred, failed, …)."""
-    async with httpx.AsyncClient(timeout=30) as client:
-        r = await client.get(f"{deployment.url_of('notifier')}/metrics")
-    found: dict[str, float] = {}
-    for name, labels, value in infra.parse_metrics(r.text):
-        if name == "huitou_notifier_messages_total":
-            found[labels["status"]] = found.get(labels["status"], 0) + value
-    return found
+        fired = await infra.metric_sum(
+            client, deployment.url_of("campaigns"), "huitou_timers_fired_total"
+        )
+        statuses = await infra.metric_by(
+            client, deployment.url_of("notifier"), "huitou_notifier_messages_total", "status"
+        )
+    return fired, statuses
 
 
 async def measure(run: Run, stack: Stack) -> None:
@@ -98,14 +89,14 @@ async def measure(run: Run, stack: Stack) -> None:
             result = await deployment.load(rate, seconds)
         finally:
             sampler.cancel()
-        fired = await _count(deployment, "campaigns", "huitou_timers_fired_total")
-        statuses = await _statuses(deployment)
+        fired, statuses = await _counts(deployment)
     finally:
         deployment.stop()
 
     run.details.setdefault("soak", {})[stack.mode] = {
         "rate": rate,
         "seconds": seconds,
+        "every": size.soak_sample_s,
         "samples": samples,
         "load": result,
     }
@@ -157,9 +148,7 @@ def table(run: Run) -> str:
     for mode, detail in soak.items():
         lines.append(
             f"soak {mode}: {detail['rate']}/s for {detail['seconds']:.0f} s, RSS in MB every "
-            f"{detail['samples'][1][0] - detail['samples'][0][0]:.0f} s"
-            if len(detail["samples"]) > 1
-            else f"soak {mode}: too short for two samples"
+            f"{detail['every']:.0f} s"
         )
         for name in detail["samples"][0][1] if detail["samples"] else []:
             values = " ".join(f"{rss[name]:.0f}" for _, rss in detail["samples"])
