@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.common import metrics
+from libs.common.direct_routes import DirectRoutes, direct_routes
 from libs.common.openapi import document_api
 from libs.common.problems import install_problem_handlers, problem_response
 from libs.common.service import Runtime, ServiceSpec
@@ -85,9 +86,11 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
     app.state.runtime = runtime
     install_problem_handlers(app)
     document_api(app)
-    app.add_middleware(HttpMetrics)
     for running in runtime.services:
         app.include_router(running.parts.router)
+    # Added first, so inside HttpMetrics: direct routes are counted like the others.
+    app.add_middleware(DirectRoutes, routes=direct_routes(app.routes))
+    app.add_middleware(HttpMetrics)
 
     _serve_docs(app)
 

@@ -71,6 +71,18 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def problem_from(request: Request, exc: Problem) -> JSONResponse:
+    """The answer to a raised `Problem`, its instance the request's path."""
+    return problem_response(
+        exc.status,
+        exc.detail,
+        title=exc.title,
+        headers=exc.headers,
+        instance=request.url.path,
+        **exc.extra,
+    )
+
+
 def field_errors(exc: ValidationError | RequestValidationError) -> list[dict[str, str]]:
     """Pydantic errors as `{"field": "data.total.amount_minor", "message": …}` entries."""
     out = []
@@ -85,14 +97,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(
-            exc.status,
-            exc.detail,
-            title=exc.title,
-            headers=exc.headers,
-            instance=request.url.path,
-            **exc.extra,
-        )
+        return problem_from(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from libs.common.auth import Principal
+from libs.common.direct_routes import direct
 from libs.common.events import INGESTIBLE_TYPES, LOGISTICS_TYPES, Envelope, parse_event
 from libs.common.openapi import (
     delivery_answer,
@@ -162,6 +163,7 @@ def build_router(
             "security": [{"bearerKey": []}, {"huitouSignature": [], "huitouShop": []}],
         },
     )
+    @direct
     async def post_events(request: Request) -> Response:
         """Accept one canonical event or a batch of up to 1,000.
 
@@ -205,6 +207,7 @@ def build_router(
             ),
         },
     )
+    @direct
     async def platform_webhook(platform: str, shop_id: str, request: Request) -> Response:
         """A shop platform's webhook, verified by that platform's own signature."""
         adapter = deliveries.PLATFORMS.get(platform)
@@ -242,6 +245,7 @@ def build_router(
             ),
         },
     )
+    @direct
     async def carrier_push(provider: str, shop_id: str, request: Request) -> Response:
         """A carrier or aggregator's tracking push; `generic` takes canonical logistics
         events signed with `X-Huitou-Signature`."""
