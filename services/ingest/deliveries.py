@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, delete, select
+from sqlalchemy import Select, String, bindparam, delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.common.bus import BusUnavailable
 from libs.common.db import Database
 from libs.common.db.dialect import insert_ignore
 from libs.common.db.group_commit import GroupCommitter
-from libs.common.db.keysets import in_rows, planned_per_execution
+from libs.common.db.held import HeldReads
+from libs.common.db.keysets import reused, rows_of, rows_params
 from libs.common.events import BEHAVIOR_TYPES, ORDER_TYPES, Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
@@ -166,6 +167,7 @@ class Ledger:
         self.writer = GroupCommitter(
             ctx.db, self._record, name="ingest-ledger", timeout=ctx.settings.bus_publish_timeout_s
         )
+        self._reads = HeldReads(ctx.db)
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue()
         self._rounds: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -185,6 +187,7 @@ class Ledger:
         if self._pending:
             await asyncio.wait(self._pending)
         await self.writer.stop()
+        await self._reads.close()
 
     async def publish_once(self, events: Sequence[Envelope], platform: str) -> tuple[int, int]:
         """Publish the events not published before; returns (published, duplicates).
@@ -263,13 +266,10 @@ class Ledger:
     ) -> set[tuple[str, str]]:
         """The keys already in the ledger: one statement of a fixed shape for any number
         of keys (see `keysets`), so it is compiled and prepared once."""
-        led = ingest_ledger.c
-        async with self.ctx.db.connect() as conn, planned_per_execution(conn):
+        async with self._reads.connection() as conn:
             rows = await conn.execute(
-                select(led.shop_id, led.dedupe_key).where(
-                    in_rows(conn, "k", [led.shop_id, led.dedupe_key], _KEY_COLUMNS, list(keys)),
-                    led.expires_at > now,
-                )
+                reused(conn, "ingest.published_before", lambda: _published_before(conn)),
+                {**rows_params(conn, "k", _KEY_COLUMNS, list(keys)), "now": now},
             )
             return {(row[0], row[1]) for row in rows}
 
@@ -295,6 +295,17 @@ class Ledger:
 
 
 _KEY_COLUMNS = [("shop_id", String()), ("dedupe_key", String())]
+
+
+def _published_before(conn: AsyncConnection) -> Select[Any]:
+    """The ledger's unexpired rows among a set of keys given as `rows_params("k", …)`:
+    one statement of a fixed shape for any number of keys (see `keysets`)."""
+    led = ingest_ledger.c
+    keys = rows_of(conn, "k", _KEY_COLUMNS, None)
+    return select(led.shop_id, led.dedupe_key).where(
+        tuple_(led.shop_id, led.dedupe_key).in_(select(keys.c.shop_id, keys.c.dedupe_key)),
+        led.expires_at > bindparam("now"),
+    )
 
 
 async def _prune_ledger(conn: AsyncConnection, now: datetime) -> None:
