@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request, Response
 from bench.scenarios import Scenario, bus_topic
 from libs.common.bus import Message, create_bus
 from libs.common.events import topic_name
+from libs.common.gc_tuning import tune_for_service
 from libs.common.settings import Settings
 
 ANSWER = b'{"accepted":1}'
@@ -42,6 +43,7 @@ def build_app(settings: Settings, scenarios: list[Scenario]) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await bus.start()
         await bus.ensure_topics([topic_name(t, namespace) for t in ("orders", "logistics")])
+        tune_for_service()  # as Huitou's services do after starting
         yield
         await bus.stop()
 

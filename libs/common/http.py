@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.common import metrics
 from libs.common.direct_routes import DirectRoutes, direct_routes
+from libs.common.gc_tuning import tune_for_service
 from libs.common.openapi import document_api
 from libs.common.problems import install_problem_handlers, problem_response
 from libs.common.service import Runtime, ServiceSpec
@@ -69,6 +70,7 @@ def build_app(settings: Settings, specs: Sequence[ServiceSpec]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        tune_for_service()
         try:
             yield
         finally:

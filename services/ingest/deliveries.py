@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from libs.common.db import Database
 from libs.common.db.dialect import insert_ignore
 from libs.common.db.group_commit import GroupCommitter
 from libs.common.db.held import HeldReads
-from libs.common.db.keysets import reused, rows_of, rows_params
+from libs.common.db.keysets import columns_of, insert_select, reused, rows_of, rows_params
 from libs.common.events import BEHAVIOR_TYPES, ORDER_TYPES, Envelope
 from libs.common.problems import Problem
 from libs.common.service import ServiceContext
@@ -256,8 +257,8 @@ class Ledger:
         for delivery, mine in fresh:
             if mine:
                 metrics.BUS_ACK_SECONDS.labels(delivery.platform).observe(elapsed)
-                for e in mine:
-                    metrics.EVENTS.labels(delivery.platform, e.type).inc()
+                for type_, count in Counter(e.type for e in mine).items():
+                    metrics.EVENTS.labels(delivery.platform, type_).inc(count)
             if not delivery.answer.done():
                 delivery.answer.set_result((len(mine), len(delivery.events) - len(mine)))
 
@@ -291,10 +292,22 @@ class Ledger:
 
     @staticmethod
     async def _record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-        await conn.execute(insert_ignore(conn, ingest_ledger), rows)
+        """One statement for the whole group (`keysets`), not one row per execution."""
+        stmt = reused(
+            conn,
+            "ingest.ledger.insert",
+            lambda: insert_ignore(
+                conn, ingest_ledger, insert_select(conn, ingest_ledger, _LEDGER_ROW, None)
+            ),
+        )
+        values = [tuple(row[c] for c in _LEDGER_ROW) for row in rows]
+        await conn.execute(
+            stmt, rows_params(conn, "new", columns_of(ingest_ledger, _LEDGER_ROW), values)
+        )
 
 
 _KEY_COLUMNS = [("shop_id", String()), ("dedupe_key", String())]
+_LEDGER_ROW = ("shop_id", "dedupe_key", "expires_at")
 
 
 def _published_before(conn: AsyncConnection) -> Select[Any]:
