@@ -253,12 +253,11 @@ def minor_units(value: Any, currency: str, field: str, *, rounded: bool = False)
     if not amount.is_finite():
         raise InvalidPayload(field, f"not a decimal amount: {value!r}")
     # Bounded before scaling and int(): `1e999999999` overflows the decimal context.
-    beyond = InvalidPayload(field, f"more than {MAX_AMOUNT_MINOR} minor units of {currency}")
-    if amount.copy_abs() > MAX_AMOUNT_MINOR:
-        raise beyond
-    scaled = amount.scaleb(_CURRENCY_EXPONENTS.get(currency, 2))
-    if abs(scaled) > MAX_AMOUNT_MINOR:
-        raise beyond
+    scaled = None
+    if amount.copy_abs() <= MAX_AMOUNT_MINOR:
+        scaled = amount.scaleb(_CURRENCY_EXPONENTS.get(currency, 2))
+    if scaled is None or abs(scaled) > MAX_AMOUNT_MINOR:
+        raise InvalidPayload(field, f"more than {MAX_AMOUNT_MINOR} minor units of {currency}")
     whole = scaled.to_integral_value(rounding=ROUND_HALF_UP)
     underflowed = scaled == 0 and amount != 0  # `1e-999999999` scales to an exact 0
     if (whole != scaled or underflowed) and not rounded:
@@ -408,8 +407,9 @@ def items(
         if len(result) == MAX_ITEMS:
             raise InvalidPayload(path, f"more than {MAX_ITEMS} line items")
         item: JsonObject = {"quantity": quantity}
-        if text(line.get("sku")):
-            item["sku"] = text(line.get("sku"))
+        sku = text(line.get("sku"))
+        if sku:
+            item["sku"] = sku
         name = title(line)
         if name:
             item["title"] = clip(name, TITLE_MAX)
