@@ -164,4 +164,9 @@ class IdentityResolver:
 
 
 def _unique(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    return list({(r["shop_id"], r["kind"], r["value"]): r for r in rows}.values())
+    """One row per identity, in key order: two transactions writing some of the same
+    identities (a batch redelivered to a partition's new owner while the old one still
+    applies it) then lock them in the same order and one waits for the other, where rows
+    in set order deadlocked them (PostgreSQL breaks a deadlock only after a second)."""
+    unique = {(r["shop_id"], r["kind"], r["value"]): r for r in rows}
+    return [unique[key] for key in sorted(unique)]
