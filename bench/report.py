@@ -1,4 +1,4 @@
-"""The table, the results file, and the comparison with the previous results file."""
+"""The table, the results file, and the comparison with earlier results files."""
 
 from __future__ import annotations
 
@@ -40,60 +40,78 @@ def _spread(m: Measurement) -> str:
     return f" ±{m.ours.spread_pct / 2:.0f}%" if len(m.ours.samples) > 1 else ""
 
 
-def previous_results(results_dir: Path, run: Run, current: Path | None) -> Path | None:
-    """The newest earlier results file of the same size whose workload was the same (a
-    size whose figures changed, e.g. fewer events in quick mode, is not compared)."""
-    candidates = sorted(
-        (p for p in results_dir.glob(f"*-{run.size.name}.json") if p != current), reverse=True
-    )
-    for path in candidates:
-        if _workload(orjson.loads(path.read_bytes()).get("sizes", {})) == _workload(
-            orjson.loads(orjson.dumps(run.size.__dict__))
-        ):
-            return path
-    return None
+def previous_results(
+    results_dir: Path, size: str, sizes: dict[str, Any], current: Path
+) -> list[Path]:
+    """The earlier results files of the same size and workload, newest first. A size whose
+    figures changed (e.g. fewer events in quick mode) is not compared; one that only
+    gained figures (a new path's) still is, on the figures both have."""
+    found = []
+    for path in sorted(results_dir.glob(f"*-{size}.json"), reverse=True):
+        if path.name >= current.name:
+            continue
+        if _comparable(orjson.loads(path.read_bytes()).get("sizes", {}), sizes):
+            found.append(path)
+    return found
 
 
-def _workload(sizes: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs comparable: every size figure but the number of repeats."""
-    return {k: v for k, v in sizes.items() if k != "repeats"}
+_NOT_WORKLOAD = frozenset({"repeats", "distributed_paths"})
+"""Size fields that do not change what a row measures."""
 
 
-def compare(run: Run, previous: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Per row: the change of our median (and of p99 where there is one) against the
-    previous file's, and whether it lies beyond the noise: the wider of both runs' spreads,
-    at least REGRESSION_FLOOR_PCT (SINGLE_SAMPLE_FLOOR_PCT for single samples and p99)."""
-    if previous is None:
-        return {}
-    before = {f"{r['path']}|{r['mode']}": r for r in previous.get("results", [])}
+def _comparable(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    shared = (set(old) & set(new)) - _NOT_WORKLOAD
+    return all(old[k] == new[k] for k in shared)
+
+
+def compare(rows: list[dict[str, Any]], previous: list[Path]) -> dict[str, dict[str, Any]]:
+    """Per row (as written in a results file): the change of our median (and of p99 where
+    there is one) against the newest of `previous` that measured the same row, and
+    whether it lies beyond the noise: the wider of both runs' spreads, at least
+    REGRESSION_FLOOR_PCT (SINGLE_SAMPLE_FLOOR_PCT for single samples and p99). A run of
+    some paths is so compared with the last run of each, not only with the last file."""
+    before: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in previous:
+        for r in orjson.loads(path.read_bytes()).get("results", []):
+            before.setdefault(f"{r['path']}|{r['mode']}", (path.name, r))
     changes = {}
-    for m in run.measurements:
-        old = before.get(m.key)
-        if not old or old.get("unit") != m.unit or not old["ours"]["median"]:
+    for row in rows:
+        key = f"{row['path']}|{row['mode']}"
+        source, old = before.get(key, ("", {}))
+        ours = row["ours"]
+        if not old or old.get("unit") != row["unit"] or not old["ours"]["median"]:
             continue
-        if not m.ours.samples:
+        if not ours["samples"]:
             continue
-        delta = (m.ours.median - old["ours"]["median"]) / abs(old["ours"]["median"]) * 100
-        single = len(m.ours.samples) < 2 or len(old["ours"]["samples"]) < 2
+        delta = (ours["median"] - old["ours"]["median"]) / abs(old["ours"]["median"]) * 100
+        single = len(ours["samples"]) < 2 or len(old["ours"]["samples"]) < 2
         floor = SINGLE_SAMPLE_FLOOR_PCT if single else REGRESSION_FLOOR_PCT
-        noise = max(floor, m.ours.spread_pct, old["ours"].get("spread_pct", 0))
-        worse = -delta if m.higher_is_better else delta
+        noise = max(floor, ours.get("spread_pct", 0), old["ours"].get("spread_pct", 0))
+        worse = -delta if row.get("higher_is_better", True) else delta
         change: dict[str, Any] = {
+            "compared_with": source,
             "previous_median": old["ours"]["median"],
             "delta_pct": round(delta, 1),
             "noise_pct": round(noise, 1),
             "regression": worse > noise,
             "improvement": -worse > noise,
         }
-        same_load = m.extra.get("target_rate") == old.get("extra", {}).get("target_rate")
-        if m.p99_ms and old.get("p99_ms") and same_load:
-            p99_delta = (m.p99_ms - old["p99_ms"]) / old["p99_ms"] * 100
+        extra, old_extra = row.get("extra", {}), old.get("extra", {})
+        same_load = extra.get("target_rate") == old_extra.get("target_rate")
+        p99, old_p99 = row.get("p99_ms"), old.get("p99_ms")
+        if p99 and old_p99 and same_load:
+            p99_delta = (p99 - old_p99) / old_p99 * 100
             change["p99_delta_pct"] = round(p99_delta, 1)
             change["regression"] |= (
-                p99_delta > 2 * SINGLE_SAMPLE_FLOOR_PCT and m.p99_ms - old["p99_ms"] > P99_FLOOR_MS
+                p99_delta > 2 * SINGLE_SAMPLE_FLOOR_PCT and p99 - old_p99 > P99_FLOOR_MS
             )
-        changes[m.key] = change
+        changes[key] = change
     return changes
+
+
+def compared_with(changes: dict[str, dict[str, Any]]) -> list[str]:
+    """The earlier results files the changes were measured against."""
+    return sorted({c["compared_with"] for c in changes.values()})
 
 
 def table(run: Run, changes: dict[str, dict[str, Any]]) -> str:
@@ -139,7 +157,7 @@ def results_path(run: Run) -> Path:
     return run.results_dir / f"{stamp}-{run.size.name}.json"
 
 
-def write(run: Run, facts: dict[str, Any], changes: dict[str, Any], previous: Path | None) -> Path:
+def write(run: Run, facts: dict[str, Any], changes: dict[str, Any]) -> Path:
     path = results_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -157,7 +175,7 @@ def write(run: Run, facts: dict[str, Any], changes: dict[str, Any], previous: Pa
             name: {k: v for k, v in summary.items() if k != "text"}
             for name, summary in (run.profiler.summaries if run.profiler else {}).items()
         },
-        "compared_with": previous.name if previous else None,
+        "compared_with": compared_with(changes),
         "changes": changes,
     }
     path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

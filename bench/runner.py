@@ -12,7 +12,6 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import orjson
 import uvloop
 
 from bench import machine, report, tools
@@ -135,10 +134,9 @@ async def run_suite(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     current = report.results_path(run)
-    previous = report.previous_results(run.results_dir, run, current)
-    previous_doc = orjson.loads(previous.read_bytes()) if previous else None
-    changes = report.compare(run, previous_doc)
-    written = report.write(run, facts, changes, previous)
+    previous = report.previous_results(run.results_dir, size.name, size.__dict__, current)
+    changes = report.compare([m.to_json() for m in run.measurements], previous)
+    written = report.write(run, facts, changes)
     print()
     print(
         f"Huitou bench — size {size.name} — {facts['cpu_model']}, {facts['cores']} cores, "
@@ -164,11 +162,12 @@ async def run_suite(args: argparse.Namespace) -> int:
             print(f"  - {text}")
     print()
     print(f"results: {written}")
-    if previous:
+    if changes:
         regressions = [k for k, c in changes.items() if c["regression"]]
-        print(f"compared with {previous.name}: {len(regressions)} regression(s) beyond the noise")
+        files = ", ".join(report.compared_with(changes))
+        print(f"compared with {files}: {len(regressions)} regression(s) beyond the noise")
     else:
-        print("no previous results file of this size and workload to compare with")
+        print("no earlier results of this size and workload to compare with")
     return 0
 
 
