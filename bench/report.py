@@ -46,6 +46,7 @@ def previous_results(
     """The earlier results files of the same size and workload, newest first. A size whose
     figures changed (e.g. fewer events in quick mode) is not compared; one that only
     gained figures (a new path's) still is, on the figures both have."""
+    sizes = orjson.loads(orjson.dumps(sizes))  # as a file holds them: tuples become lists
     found = []
     for path in sorted(results_dir.glob(f"*-{size}.json"), reverse=True):
         if path.name >= current.name:

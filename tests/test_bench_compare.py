@@ -13,6 +13,8 @@ from bench import report
 from bench.recompare import recompare
 
 SIZES = {"repeats": 3, "lifecycle_events": 200_000, "distributed_paths": ["ingest"]}
+LADDER = (100, 250)
+"""A size figure the runner holds as a tuple, and a results file as a list."""
 
 
 def _row(path: str, median: float, samples: int = 3) -> dict[str, Any]:
@@ -29,7 +31,8 @@ def _row(path: str, median: float, samples: int = 3) -> dict[str, Any]:
 
 def _write(folder: Path, stamp: str, sizes: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
     path = folder / f"{stamp}-full.json"
-    path.write_bytes(orjson.dumps({"size": "full", "sizes": sizes, "results": rows}))
+    document = {"size": "full", "sizes": {**sizes, "ladder": LADDER}, "results": rows}
+    path.write_bytes(orjson.dumps(document))
     return path
 
 
@@ -47,7 +50,7 @@ def test_each_row_is_compared_with_the_last_run_that_measured_it(tmp_path: Path)
         [_row("ingest.single", 150), _row("lc", 40), _row("soak.load", 10), _row("new", 1)],
     )
 
-    previous = report.previous_results(tmp_path, "full", grown, current)
+    previous = report.previous_results(tmp_path, "full", {**grown, "ladder": LADDER}, current)
     assert [p.name for p in previous] == [
         "20260102T000000Z-full.json",
         "20260101T000000Z-full.json",
