@@ -50,8 +50,16 @@ class Database:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads: a snapshot that takes no write lock on SQLite."""
+        """A connection for reads: one snapshot for the whole block, taking no write lock.
+
+        SQLite's deferred transaction is a snapshot from its first read. PostgreSQL's
+        default, READ COMMITTED, takes a new snapshot per statement, so a view read in two
+        statements (a customer's row, then its orders) could mix states before and after a
+        consumer's commit; REPEATABLE READ makes the block one snapshot (a reader never
+        fails to serialise)."""
         async with self.engine.connect() as conn:
+            if self.is_postgres:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
             await conn.execution_options(huitou_read_only=True)
             yield conn
 
