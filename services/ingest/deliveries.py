@@ -221,7 +221,10 @@ class Ledger:
     async def _round(self, batch: list[_Delivery]) -> None:
         now = datetime.now(UTC)
         keys = {(e.shop_id, e.dedupe_key) for d in batch for e in d.events}
-        seen = await self._published_before(keys, now) | (keys & self._unrecorded)
+        # Taken before the ledger's snapshot: a key whose row commits during the lookup
+        # (after its snapshot began) leaves `_unrecorded` then, yet is still counted here.
+        unrecorded = keys & self._unrecorded
+        seen = await self._published_before(keys, now) | unrecorded
         fresh: list[tuple[_Delivery, list[Envelope]]] = []
         for delivery in batch:
             mine: list[Envelope] = []
