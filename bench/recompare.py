@@ -32,12 +32,10 @@ def recompare(path: Path) -> list[str]:
         change = changes.get(key)
         if change is None:
             continue
-        flag = " REGRESSION" if change["regression"] else " better" if change["improvement"] else ""
-        p99 = f", p99 {change['p99_delta_pct']:+.0f}%" if "p99_delta_pct" in change else ""
         lines.append(
             f"  {row['path']:<24} {row['mode']:<12} {change['previous_median']:>12,.1f} → "
-            f"{row['ours']['median']:>12,.1f} {row['unit']:<10} {change['delta_pct']:+6.0f}%"
-            f"{flag}{p99}  (vs {change['compared_with']})"
+            f"{row['ours']['median']:>12,.1f} {row['unit']:<10} {report.change_text(change)}"
+            f"  (vs {change['compared_with']})"
         )
     return lines
 

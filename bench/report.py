@@ -115,17 +115,21 @@ def compared_with(changes: dict[str, dict[str, Any]]) -> list[str]:
     return sorted({c["compared_with"] for c in changes.values()})
 
 
+def change_text(change: dict[str, Any]) -> str:
+    """A row's change as the `vs prev` column shows it, e.g. `+12% better, p99 -60%`."""
+    flag = " better" if change["improvement"] else ""
+    flag = " REGRESSION" if change["regression"] else flag
+    text = f"{change['delta_pct']:+.0f}%{flag}"
+    if abs(change.get("p99_delta_pct", 0)) > 2 * SINGLE_SAMPLE_FLOOR_PCT:
+        text = f"{text}, p99 {change['p99_delta_pct']:+.0f}%"
+    return text
+
+
 def table(run: Run, changes: dict[str, dict[str, Any]]) -> str:
     rows = [COLUMNS]
     for m in run.measurements:
         change = changes.get(m.key)
-        vs = "-"
-        if change:
-            flag = " better" if change["improvement"] else ""
-            flag = " REGRESSION" if change["regression"] else flag
-            vs = f"{change['delta_pct']:+.0f}%{flag}"
-            if abs(change.get("p99_delta_pct", 0)) > 2 * SINGLE_SAMPLE_FLOOR_PCT:
-                vs = f"{vs}, p99 {change['p99_delta_pct']:+.0f}%"
+        vs = change_text(change) if change else "-"
         rows.append(
             (
                 m.path,

@@ -23,6 +23,7 @@ from libs.common.service import ServiceContext
 from services.ingest import migrations
 from services.ingest.deliveries import Ledger
 from tests.conftest import eventually, make_settings
+from tests.ingest.test_bounds import order_event
 
 
 async def test_a_repeat_during_the_first_copys_commit_is_a_duplicate(tmp_path: Path) -> None:
@@ -69,23 +70,7 @@ async def test_a_repeat_during_the_first_copys_commit_is_a_duplicate(tmp_path: P
     bus.publish = counting  # type: ignore[method-assign]
     await ledger.start()
     try:
-        event = parse_event(
-            {
-                "specversion": "1.0",
-                "id": "race-1",
-                "source": "test/race",
-                "type": "order.paid",
-                "time": "2026-12-04T23:00:00Z",
-                "shop_id": "race-shop",
-                "data": {
-                    "order_id": "o-1",
-                    "status": "paid",
-                    "customer": {"id": "c-1"},
-                    "total": {"amount_minor": 100, "currency": "CNY"},
-                    "paid_at": "2026-12-04T23:00:00Z",
-                },
-            }
-        )
+        event = parse_event(order_event("race-shop"))
         assert await ledger.publish_once([event], "huitou") == (1, 0)
         assert await ledger.publish_once([event], "huitou") == (0, 1)
         assert published == [1], "the repeat was published again"
